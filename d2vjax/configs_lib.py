@@ -1,0 +1,187 @@
+"""Shared config builders (configs/*.py stay thin) and config helpers: ``parse_arg`` for the
+``--config=file.py:key=value,flag`` presets, and duration resolution (steps / epochs / percent).
+
+Every hyper-parameter below names its source: the data2vec paper (§4.2), the wav2vec 2.0 paper, or a
+section of ../shared/reference/fairseq-spec.md (the fairseq configs).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+# Crop lengths in samples (16 kHz): 2 s (fairseq min_sample_size) … 15.6 s; fairseq crops to the
+# batch's shortest clip (≤ 20 s max_sample_size, spec §1.1); static shapes need a fixed set instead.
+SPEECH_BUCKETS = (32000, 48000, 64000, 96000, 128000, 160000, 200000, 250000)
+
+
+def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
+  """Parse ``'size=large,cpu'`` against typed defaults ``spec`` (big_vision's convention).
+
+  A bare ``name`` means True for a bool field; a single unnamed value fills the first field. Types
+  come from the defaults; unknown names are an error.
+  """
+  out = ml_collections.ConfigDict(dict(spec))
+  if not arg:
+    return out
+  names = list(spec)
+  for i, item in enumerate(x for x in arg.split(",") if x):
+    key, sep, value = item.partition("=")
+    if not sep:
+      if key in spec and isinstance(spec[key], bool):
+        key, value = key, "true"
+      elif i == 0 and names:
+        key, value = names[0], item
+      else:
+        raise ValueError(f"config arg {item!r}: unknown flag; known: {names}")
+    if key not in spec:
+      raise ValueError(f"config arg {key!r} unknown; known: {names}")
+    default = spec[key]
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config arg {key}={value!r} is not a bool")
+      out[key] = value.lower() in ("true", "1")
+    else:
+      out[key] = type(default)(value)
+  return out
+
+
+def resolve_steps(section, prefix: str, *, steps_per_epoch: int | None, total_steps: int | None,
+                  default: int | None = None) -> int | None:
+  """A duration given as ``{prefix}_steps``, ``{prefix}_epochs`` or ``{prefix}_percent`` → steps.
+
+  Exactly one of them may be set (not None). Percent is of ``total_steps``; epochs need
+  ``steps_per_epoch``.
+  """
+  given = {k: section.get(f"{prefix}_{k}") for k in ("steps", "epochs", "percent")}
+  given = {k: v for k, v in given.items() if v is not None}
+  if len(given) > 1:
+    raise ValueError(f"{prefix}: give only one of {sorted(given)} ({given})")
+  if not given:
+    return default
+  (kind, value), = given.items()
+  if kind == "steps":
+    return int(value)
+  if kind == "epochs":
+    if not steps_per_epoch:
+      raise ValueError(f"{prefix}_epochs needs the dataset size (steps per epoch)")
+    return int(round(value * steps_per_epoch))
+  if total_steps is None:
+    raise ValueError(f"{prefix}_percent needs the total number of steps")
+  return int(round(value * total_steps))
+
+
+def _placeholder(kind):
+  return config_dict.placeholder(kind)
+
+
+def speech_data(source: str = "embedded") -> ml_collections.ConfigDict:
+  """Speech data section (fields documented in d2vjax/data/pipeline.py)."""
+  return ml_collections.ConfigDict(dict(
+      source=source,  # embedded | manifest | folder | tfds
+      manifest="", valid_manifest="", folder="",
+      tfds_name="", tfds_data_dir="", train_split="train", valid_split="valid",
+      sample_rate=16000,
+      normalize=True,  # data2vec audio: task.normalize true (spec §1.1)
+      min_sample_size=32000,  # 2 s (spec §1.1)
+      max_sample_size=320000,  # 20 s (spec §4.4)
+      buckets=list(SPEECH_BUCKETS),
+      mode="crop",
+      # data2vec audio base: 16 GPUs × 3.8M samples per update (spec §4.4) = 60.8M samples.
+      budget_samples=60_800_000,
+      max_rows=0,
+      num_workers=2,
+      seed=0,
+  ))
+
+
+def data2vec_speech(size: str) -> ml_collections.ConfigDict:
+  """data2vec 1.0 speech pre-training, Base (LS-960) or Large (LL-60k), fairseq-spec §4.1/§4.4."""
+  c = ml_collections.ConfigDict()
+  c.modality = "speech"
+  c.objective = "data2vec"
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      extractor_mode="layer_norm",  # data2vec: LN after every conv (spec §1.2)
+      conv_bias=False,  # spec §4.1
+      conv_channels=512,  # CNN width (spec §1.2)
+      feature_grad_mult=1.0,  # spec §1.2
+      dropout_input=0.0,  # spec §4.1
+      head_layers=1,  # final_proj Linear(D→D) (spec §4.1)
+      encoder=dict(
+          variant=size,  # Base 12×768 / Large 24×1024 (data2vec §4.2)
+          dropout=0.1, attention_dropout=0.1, activation_dropout=0.0,  # spec §4.1
+          layerdrop=0.05,  # encoder_layerdrop (spec §4.1)
+          layer_norm_first=False,  # post-LN (spec §11.26)
+          pos_encoder="conv_stack", pos_width=95, pos_depth=5, pos_groups=16,  # spec §1.3b
+          norm_eps=1e-5, scan=True, remat="none", dtype="float32",
+      ),
+  ))
+  c.masking = ml_collections.ConfigDict(dict(
+      mask_prob=0.65, mask_length=10,  # data2vec §4.2 / spec §4.4
+      min_masks=1,  # data2vec (spec §2.1)
+      require_same_masks=True,
+  ))
+  c.targets = ml_collections.ConfigDict(dict(
+      top_k=8,  # K = 8 (data2vec §4.2)
+      layer_norm="instance",  # instance norm per layer (spec §4.1 step 5)
+      final_norm="none",
+      eps=1e-5,
+  ))
+  c.loss = ml_collections.ConfigDict(dict(
+      beta=0.0,  # L2 (loss_beta 0, spec §4.1 step 7)
+      scale=-1.0,  # ≤ 0 → 1/sqrt(D) (loss_scale null)
+  ))
+  c.ema = ml_collections.ConfigDict(dict(
+      decay=0.999, end_decay=0.9999,  # τ0, τe (data2vec §4.2)
+      anneal_steps=30000,  # τn (data2vec §4.2; spec §4.4)
+      anneal_percent=_placeholder(float), anneal_epochs=_placeholder(float),
+      scope=("encoder",),  # teacher = EMA of the Transformer (spec §5.4)
+      copy=("encoder/pos_conv/.*",),  # pos_conv hard-copied (ema_layers_only, spec §4.1)
+  ))
+  c.optim = ml_collections.ConfigDict(dict(
+      peak_lr=5e-4 if size == "base" else 3e-4,  # spec §4.4 (Base); data2vec §4.2 (Large)
+      b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01,  # spec §4.4
+      clip_norm=0.0,  # no clipping (spec §4.4)
+      schedule="tri_stage", phase_ratio=(0.03, 0.9, 0.07),  # spec §4.4
+      init_lr_scale=0.01, final_lr_scale=0.01,  # spec §7.2
+      warmup_steps=_placeholder(int), warmup_percent=_placeholder(float),
+      warmup_epochs=_placeholder(float),  # for cosine / polynomial schedules
+  ))
+  # 400k updates for Base (spec §4.4); Large trains 600k on Libri-light (data2vec §4.2).
+  c.total_steps = 400_000 if size == "base" else 600_000
+  c.total_epochs = _placeholder(float)
+  c.data = speech_data()
+  c.num_devices = 0  # 0 = all devices on a 1-D data-parallel mesh
+  c.log_every = 100
+  c.ckpt_every = 5000
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+  c.export_every = 0  # 0 = export only at the end
+  c.tensorboard = True
+  c.guard = ml_collections.ConfigDict(dict(
+      min_target_var=0.1,  # fairseq min_target_var (spec §4.1 step 8)
+      patience=3,  # consecutive logged windows below the threshold
+      start_step=0,  # fairseq arms its guard after 5000 updates; the window average is robust
+  ))
+  return c
+
+
+def cpu_preset(c: ml_collections.ConfigDict, total_steps: int = 300) -> None:
+  """Shrink a speech config to a laptop/CI run on the embedded corpus: tiny model, short crops,
+  a few hundred steps, frequent logs. The objective, masking and schedules are unchanged."""
+  c.model.encoder.variant = "tiny"
+  # The 512-wide CNN is ~95 % of a tiny model's FLOPs on 2 s crops; 128 channels keep its shape.
+  c.model.conv_channels = 128
+  c.model.encoder.layerdrop = 0.0
+  c.targets.top_k = 3
+  c.data.buckets = [32000, 48000]
+  c.data.budget_samples = 8 * 32000
+  c.data.num_workers = 0
+  c.total_steps = total_steps
+  c.ema.anneal_steps = total_steps
+  c.optim.peak_lr = 1e-3
+  c.log_every = 10
+  c.ckpt_every = 100
+  c.guard.patience = 5

@@ -1,0 +1,132 @@
+"""data2vec 1.0 objective, shared by all modalities (fairseq-spec §4, §5; data2vec paper §3).
+
+Student: modality features → masked positions replaced by a learned ``mask_emb`` → Transformer →
+regression head. Teacher: EMA copy of the configured subtrees (``ema.scope``), run in eval mode on
+the unmasked features under ``stop_gradient``. Targets: top-K block outputs, normalised and
+averaged (``objectives.targets``). Loss: regression at masked positions, divided by their count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from d2vjax import ema, registry
+from d2vjax.models import layers, transformer
+from d2vjax.objectives import losses, targets
+
+
+class RegressionHead(nn.Module):
+  """Prediction head: one Linear D→D (audio, vision; PyTorch default init, spec §1.8), or
+  Linear(D→2D) → GELU → Linear(2D→D) when ``num_layers == 2`` (text, spec §4.2)."""
+  dim: int
+  num_layers: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.num_layers == 2:
+      x = nn.Dense(2 * self.dim, kernel_init=layers.bert_init, dtype=self.dtype, name="fc1")(x)
+      return nn.Dense(self.dim, kernel_init=layers.bert_init, dtype=self.dtype,
+                      name="fc2")(layers.gelu(x))
+    return nn.Dense(self.dim, kernel_init=layers.torch_default_kernel,
+                    bias_init=layers.torch_default_bias(x.shape[-1]), dtype=self.dtype,
+                    name="proj")(x)
+
+
+class Data2VecModel(nn.Module):
+  """Student/teacher network. Params: ``frontend``, ``encoder``, ``head``, ``mask_emb`` (D,)."""
+  frontend: nn.Module
+  encoder: nn.Module
+  head: nn.Module
+  dim: int
+  dropout_input: float = 0.0
+
+  def setup(self):
+    self.mask_emb = self.param("mask_emb", layers.uniform01, (self.dim,), jnp.float32)
+    self.input_dropout = nn.Dropout(self.dropout_input)
+
+  def features(self, inputs: dict, train: bool = False) -> dict:
+    """Modality features (dict with ``features [B, T, D]`` and ``padding_mask [B, T]``)."""
+    return self.frontend(inputs, train)
+
+  def contextualize(self, x, padding_mask, train: bool = False):
+    """Transformer: ``[B, T, D]`` → (``[B, T, D]``, layer results ``[L, B, T, D]``)."""
+    return self.encoder(x, padding_mask, train)
+
+  def student(self, feats, mask, padding_mask, train: bool = True):
+    """Dropout → replace masked positions by ``mask_emb`` → Transformer → head. ``[B, T, D]``."""
+    x = self.input_dropout(feats, deterministic=not train)
+    x = jnp.where(mask[..., None], self.mask_emb.astype(x.dtype), x)
+    x, _ = self.encoder(x, padding_mask, train)
+    return self.head(x)
+
+  def __call__(self, inputs: dict, train: bool = False):
+    f = self.features(inputs, train)
+    mask = inputs.get("mask", jnp.zeros(f["features"].shape[:2], bool))
+    return self.student(f["features"], mask, f["padding_mask"], train)
+
+
+@registry.register("objective", "data2vec")
+class Data2Vec:
+  """data2vec 1.0: builds the model from the config and provides ``init``, ``init_teacher`` and
+  ``loss``; the shared train step does the rest."""
+
+  def __init__(self, config):
+    self.config = config
+    self.modality = registry.get("modality", config.modality)
+    m = config.model
+    self.encoder_cfg = transformer.encoder_config(m.encoder)
+    dtype = layers.dtype_of(self.encoder_cfg.dtype)
+    self.model = Data2VecModel(
+        frontend=self.modality.frontend(m, self.encoder_cfg.dim, dtype),
+        encoder=transformer.TransformerEncoder(self.encoder_cfg),
+        head=RegressionHead(self.encoder_cfg.dim, m.head_layers, dtype),
+        dim=self.encoder_cfg.dim, dropout_input=m.dropout_input)
+    self.ema_scope = tuple(config.ema.scope)
+    self.ema_copy = tuple(config.ema.copy)
+    self.frozen = tuple(self.modality.frozen_patterns(m))
+
+  def init(self, rng: jax.Array, batch: dict) -> dict:
+    """Student params (plain nested dict) from a batch of the right structure."""
+    return self.model.init({"params": rng}, batch, False)["params"]
+
+  def init_teacher(self, params: dict) -> dict:
+    """fp32 copy of the EMA'd subtrees."""
+    return ema.init_teacher(params, self.ema_scope)
+
+  def encode(self, params: dict, inputs: dict, *, train: bool = False, rng=None):
+    """Feature extraction: (final ``[B, T, D]``, layer results ``[L, B, T, D]``, padding ``[B, T]``)."""
+    rngs = None if rng is None else {"dropout": rng}
+    f = self.model.apply({"params": params}, inputs, train, method="features", rngs=rngs)
+    x, lr = self.model.apply({"params": params}, f["features"], f["padding_mask"], train,
+                             method="contextualize", rngs=rngs)
+    return x, lr, f["padding_mask"]
+
+  def loss(self, params: dict, teacher: dict, batch: dict, rng: jax.Array, train: bool = True):
+    """Scalar loss (sum over masked positions / their count) and a metrics dict."""
+    cfg = self.config
+    rngs = {"dropout": rng}
+    f = self.model.apply({"params": params}, batch, train, method="features", rngs=rngs)
+    feats, pad = f["features"], f["padding_mask"]
+    pred = self.model.apply({"params": params}, feats, batch["mask"], pad, train,
+                            method="student", rngs=rngs)
+    # Teacher: EMA'd subtrees over the student's (eval-mode) remainder, unmasked input.
+    t_params = {**params, **teacher}
+    _, layer_results = self.model.apply({"params": t_params}, jax.lax.stop_gradient(feats), pad,
+                                        False, method="contextualize")
+    y = targets.build_targets(jax.lax.stop_gradient(layer_results), pad, top_k=cfg.targets.top_k,
+                              layer_norm_type=cfg.targets.layer_norm,
+                              final_norm_type=cfg.targets.final_norm, eps=cfg.targets.eps)
+    weights = batch["mask"] & ~pad
+    scale = None if cfg.loss.scale <= 0 else cfg.loss.scale
+    loss_sum, count = losses.regression_loss(pred, y, weights, beta=cfg.loss.beta, scale=scale)
+    loss = loss_sum / jnp.maximum(count, 1.0)
+    valid = jnp.sum(~pad)
+    metrics = {"loss": loss, "target_var": losses.masked_std(y, weights),
+               "pred_var": losses.masked_std(pred, weights),
+               "masked_frac": count / jnp.maximum(valid, 1), "masked_count": count}
+    return loss, metrics

@@ -1,0 +1,55 @@
+"""Name → factory registries, so shared code picks modalities, objectives and positional encoders
+by name from the config instead of ``if modality == ...`` ladders.
+
+Kinds in use: ``modality`` (feature encoder + masking policy + target-norm defaults), ``objective``
+(loss + teacher scope), ``pos_encoder`` (positional encoders the shared Transformer can host).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+_REGISTRY: dict[str, dict[str, Any]] = {}
+
+# Modules whose import registers the built-in entries; imported lazily on first lookup so that
+# `import d2vjax.registry` stays cheap and import cycles cannot form.
+_BUILTINS = (
+    "d2vjax.models.audio",
+    "d2vjax.modalities.speech",
+    "d2vjax.objectives.data2vec",
+)
+
+
+def register(kind: str, name: str) -> Callable[[Any], Any]:
+  """Decorator: ``@register('modality', 'speech')`` stores the decorated object under (kind, name)."""
+
+  def deco(obj):
+    table = _REGISTRY.setdefault(kind, {})
+    if name in table and table[name] is not obj:
+      raise ValueError(f"registry: {kind} {name!r} registered twice")
+    table[name] = obj
+    return obj
+
+  return deco
+
+
+def _load_builtins() -> None:
+  for mod in _BUILTINS:
+    importlib.import_module(mod)
+
+
+def get(kind: str, name: str) -> Any:
+  """The object registered under (kind, name); a clear error lists the known names otherwise."""
+  if name not in _REGISTRY.get(kind, {}):
+    _load_builtins()
+  table = _REGISTRY.get(kind, {})
+  if name not in table:
+    raise KeyError(f"unknown {kind} {name!r}; known: {sorted(table)}")
+  return table[name]
+
+
+def names(kind: str) -> list[str]:
+  """All registered names of one kind."""
+  _load_builtins()
+  return sorted(_REGISTRY.get(kind, {}))
