@@ -1,4 +1,4 @@
-"""Example sources and the grain speech pipeline: buckets, shapes, order, shards, bad clips, state."""
+"""Sources and the grain speech pipeline: buckets, shapes, order, shards, bad clips, state."""
 
 import os
 import sys
@@ -193,6 +193,9 @@ def test_crop_mode_static_shapes_no_padding(corpus):
   shapes = pipeline.batch_shapes(cfg, ex, batch_multiple=2)
   assert 0 < len(shapes) <= len(BUCKETS)
   assert "batch shapes" in pipeline.describe_shapes(cfg, ex, 2)
+  fp = pipeline.plan_fingerprint(cfg, ex, 2)
+  assert fp == pipeline.plan_fingerprint(cfg, list(ex), 2)
+  assert fp != pipeline.plan_fingerprint(cfg, ex[1:], 2) != pipeline.plan_fingerprint(cfg, ex, 4)
   batches = _epoch(cfg, ex, batch_multiple=2, batch_fn=pipeline.speech_mask_fn(MASK))
   assert len(batches) == sum(shapes.values())
   seen = {b["audio"].shape for b in batches}

@@ -185,7 +185,8 @@ def normalize_waveform(x, valid_len=None, *, eps: float = 1e-5) -> np.ndarray:
     vl = None if valid_len is None else np.asarray(valid_len).reshape(1)
     return normalize_waveform(x[None], vl, eps=eps)[0]
   b, s = x.shape
-  n = np.full((b,), s, np.int64) if valid_len is None else np.asarray(valid_len, np.int64).reshape(b)
+  n = (np.full((b,), s, np.int64) if valid_len is None
+       else np.asarray(valid_len, np.int64).reshape(b))
   valid = np.arange(s)[None, :] < n[:, None]
   cnt = np.maximum(n, 1)[:, None].astype(np.float64)
   x64 = x.astype(np.float64)

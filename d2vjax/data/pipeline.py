@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import sys
 import threading
 from typing import Any, Callable, Sequence
@@ -66,13 +67,15 @@ from d2vjax.data import audio_io, sources
 from d2vjax.data.audio_io import RECEPTIVE_FIELD, BadAudioError, num_frames
 from d2vjax.data.sources import Example, examples_from_config
 
-__all__ = ["BucketPlan", "plan_buckets", "batch_rows", "epoch_batches", "batch_shapes",
+__all__ = ["BucketPlan", "plan_buckets", "plan_fingerprint", "batch_rows", "epoch_batches",
+           "batch_shapes",
            "describe_shapes", "make_speech_dataset", "make_speech_iterator", "speech_mask_fn",
            "SpeechMaskFn", "examples_from_config", "MODES"]
 
 MODES = ("crop", "pad")
-# SeedSequence stream tags: one independent stream per use of (seed, epoch, ...).
-_PLAN, _CROP, _HOOK = 0, 1, 2
+# SeedSequence stream tags, placed FIRST and nonzero: SeedSequence ignores trailing zeros
+# ([1, 2] and [1, 2, 0] give the same stream), so a tag at the end could not separate streams.
+_PLAN, _CROP, _HOOK = 1, 2, 3
 
 _get = sources._get
 
@@ -172,7 +175,7 @@ def epoch_batches(plan: BucketPlan, seed: int, epoch: int):
     ``orders[bucket][start:start + rows[bucket]]`` (example indices); ``orders[bucket]`` is the
     bucket's shuffled member list, also used to pick deterministic replacements for bad clips.
   """
-  rng = np.random.default_rng([int(seed), int(epoch), _PLAN])
+  rng = np.random.default_rng([_PLAN, int(seed) % 2**64, int(epoch)])
   orders = [m[rng.permutation(len(m))] for m in plan.members]
   batches = [(k, i * r) for k, (n, r) in enumerate(zip(plan.num_batches, plan.rows))
              for i in range(n)]
@@ -183,6 +186,19 @@ def epoch_batches(plan: BucketPlan, seed: int, epoch: int):
     first = next(j for j, (k, _) in enumerate(batches) if k == longest)
     batches.insert(0, batches.pop(first))
   return batches, orders
+
+
+def plan_fingerprint(data_cfg, examples: Sequence[Example], batch_multiple: int = 1) -> str:
+  """Hex digest of everything the global batch plan depends on (examples, lengths, buckets, rows,
+  mode, seed). Hosts that disagree would cut different batches; compare it across processes at
+  start (user-needs D1)."""
+  plan = _plan_from_config(data_cfg, examples, batch_multiple)
+  h = hashlib.sha256()
+  h.update(repr((plan.mode, plan.buckets, plan.rows, _get(data_cfg, "seed", 0),
+                 bool(_get(data_cfg, "normalize", False)))).encode())
+  for e in examples:
+    h.update(f"{e.path}\t{e.num_samples}\n".encode())
+  return h.hexdigest()[:16]
 
 
 def _plan_from_config(data_cfg, examples: Sequence[Example], batch_multiple: int) -> BucketPlan:
@@ -227,7 +243,7 @@ class _BatchLoader:
     self.texts = [e.transcript for e in examples]
     self.lengths = np.asarray([e.num_samples for e in examples], np.int64)
     self.plan = plan
-    self.seed, self.start_epoch = int(seed), int(start_epoch)
+    self.seed, self.start_epoch = int(seed) % 2**64, int(start_epoch)  # SeedSequence: >= 0
     self.p, self.P = int(process_index), int(process_count)
     self.normalize, self.min_sample_size = bool(normalize), int(min_sample_size or 0)
     self.sample_rate = int(sample_rate)
@@ -285,7 +301,7 @@ class _BatchLoader:
     keys, texts = [], []
     for r in range(b):
       g = row0 + r
-      rng = np.random.default_rng([self.seed, epoch, j, g, _CROP])
+      rng = np.random.default_rng([_CROP, self.seed, epoch, j, g])
       for attempt in range(n):
         # A bad clip is replaced by the next clip of the same bucket's shuffled list (wrapping),
         # so the batch keeps its shape and the choice is the same on every run.
@@ -323,7 +339,7 @@ class _BatchLoader:
     if self.batch_fn is not None:
       # Same generator on every process (no process index): hooks draw for all global rows and
       # keep theirs, so the assembled global batch does not depend on the process count.
-      batch = self.batch_fn(np.random.default_rng([self.seed, epoch, j, _HOOK]), batch)
+      batch = self.batch_fn(np.random.default_rng([_HOOK, self.seed, epoch, j]), batch)
     return batch
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import os
 from typing import Callable, Iterable, Sequence
 
+from absl import logging
 import numpy as np
 import soundfile as sf
 
@@ -278,4 +279,7 @@ def examples_from_config(data_cfg, split: str = "train") -> tuple[list[Example],
   if source not in SOURCES:
     raise ValueError(f"unknown data.source {source!r}; expected one of {sorted(SOURCES)}")
   examples = SOURCES[source](data_cfg, split)
-  return filter_examples(examples, min_samples=int(_get(data_cfg, "min_sample_size", 0) or 0))
+  min_samples = int(_get(data_cfg, "min_sample_size", 0) or 0)
+  kept, skipped = filter_examples(examples, min_samples=min_samples)
+  logging.info("data %s/%s: %d examples kept, skipped %s", source, split, len(kept), skipped)
+  return kept, skipped

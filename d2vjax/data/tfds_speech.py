@@ -22,10 +22,12 @@ Records are written in the ``array_record`` file format. Features:
 
 What works without TF (tfds 4.9.10): ``GeneratorBasedBuilder.download_and_prepare`` with
 ``file_format='array_record'``, ``tfds.data_source`` (also with
-``decoders={'audio': tfds.decode.SkipDecoding()}``, used to list lengths without inflating audio).
-What does not: ``tfds.features.Audio``, ``dataset_info_from_configs`` outside a dataset package
-(``tfds.core.DatasetInfo(builder=self, ...)`` is used instead), ``DeserializeMethod.DESERIALIZE_NO_DECODE``
-and anything returning a ``tf.data.Dataset`` (``tfds.load``, ``as_dataset``).
+``decoders={'audio': tfds.decode.SkipDecoding()}``, used to list lengths without inflating audio),
+``tfds.builder(name, data_dir=...)``. What does not: ``tfds.features.Audio``;
+``dataset_info_from_configs`` outside a tfds dataset package (``tfds.core.DatasetInfo(builder=self,
+...)`` is used instead); ``DeserializeMethod.DESERIALIZE_NO_DECODE``; anything returning a
+``tf.data.Dataset`` (``tfds.load``, ``as_dataset``). tfds' default ``code_path`` also needs the
+``importlib_resources`` backport for builders defined inside a package; it is overridden here.
 """
 
 from __future__ import annotations
@@ -218,8 +220,8 @@ def list_examples(name: str = NAME, split: str = "train", data_dir=None) -> list
   except Exception as e:
     raise FileNotFoundError(f"tfds dataset {name!r} not found in data_dir {data_dir!r}: {e}") from e
   if not builder.is_prepared():
-    raise FileNotFoundError(f"tfds dataset {name!r} is not prepared in {os.fspath(builder.data_dir)!r}"
-                            " (run d2vjax.data.tfds_speech.prepare first)")
+    raise FileNotFoundError(f"tfds dataset {name!r} is not prepared in "
+                            f"{os.fspath(builder.data_dir)!r} (run tfds_speech.prepare first)")
   if split not in builder.info.splits:
     raise FileNotFoundError(f"split {split!r} not in {os.fspath(builder.data_dir)!r}; "
                             f"available: {sorted(builder.info.splits)}")
