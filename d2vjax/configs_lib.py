@@ -50,25 +50,24 @@ def resolve_steps(section, prefix: str, *, steps_per_epoch: int | None, total_st
                   default: int | None = None) -> int | None:
   """A duration given as ``{prefix}_steps``, ``{prefix}_epochs`` or ``{prefix}_percent`` → steps.
 
-  Exactly one of them may be set (not None). Percent is of ``total_steps``; epochs need
+  Epochs or percent, when set (not None), take precedence over steps, so a preset's step count can
+  be overridden from the command line (``--config.total_epochs=3``); setting both epochs and
+  percent is an error. Percent is a fraction of ``total_steps`` (1.0 = all); epochs need
   ``steps_per_epoch``.
   """
-  given = {k: section.get(f"{prefix}_{k}") for k in ("steps", "epochs", "percent")}
-  given = {k: v for k, v in given.items() if v is not None}
-  if len(given) > 1:
-    raise ValueError(f"{prefix}: give only one of {sorted(given)} ({given})")
-  if not given:
-    return default
-  (kind, value), = given.items()
-  if kind == "steps":
-    return int(value)
-  if kind == "epochs":
+  epochs, percent = section.get(f"{prefix}_epochs"), section.get(f"{prefix}_percent")
+  if epochs is not None and percent is not None:
+    raise ValueError(f"{prefix}: give {prefix}_epochs or {prefix}_percent, not both")
+  if epochs is not None:
     if not steps_per_epoch:
       raise ValueError(f"{prefix}_epochs needs the dataset size (steps per epoch)")
-    return int(round(value * steps_per_epoch))
-  if total_steps is None:
-    raise ValueError(f"{prefix}_percent needs the total number of steps")
-  return int(round(value * total_steps))
+    return max(1, int(round(epochs * steps_per_epoch)))
+  if percent is not None:
+    if total_steps is None:
+      raise ValueError(f"{prefix}_percent needs the total number of steps")
+    return int(round(percent * total_steps))
+  steps = section.get(f"{prefix}_steps")
+  return default if steps is None else int(steps)
 
 
 def _placeholder(kind):
@@ -87,7 +86,7 @@ def speech_data(source: str = "embedded") -> ml_collections.ConfigDict:
       max_sample_size=320000,  # 20 s (spec §4.4)
       buckets=list(SPEECH_BUCKETS),
       mode="crop",
-      # data2vec audio base: 16 GPUs × 3.8M samples per update (spec §4.4) = 60.8M samples.
+      # Base: 63 min of audio per update (data2vec §4.2; 16 GPUs × 3.8M samples, spec §4.4).
       budget_samples=60_800_000,
       max_rows=0,
       num_workers=2,
@@ -112,7 +111,8 @@ def data2vec_speech(size: str) -> ml_collections.ConfigDict:
       encoder=dict(
           variant=size,  # Base 12×768 / Large 24×1024 (data2vec §4.2)
           dropout=0.1, attention_dropout=0.1, activation_dropout=0.0,  # spec §4.1
-          layerdrop=0.05,  # encoder_layerdrop (spec §4.1)
+          # encoder_layerdrop 0.05 (spec §4.1); Large follows wav2vec 2.0 LV-60k: none (w2v2 §4.2).
+          layerdrop=0.05 if size == "base" else 0.0,
           layer_norm_first=False,  # post-LN (spec §11.26)
           pos_encoder="conv_stack", pos_width=95, pos_depth=5, pos_groups=16,  # spec §1.3b
           norm_eps=1e-5, scan=True, remat="none", dtype="float32",
@@ -141,18 +141,24 @@ def data2vec_speech(size: str) -> ml_collections.ConfigDict:
       copy=("encoder/pos_conv/.*",),  # pos_conv hard-copied (ema_layers_only, spec §4.1)
   ))
   c.optim = ml_collections.ConfigDict(dict(
-      peak_lr=5e-4 if size == "base" else 3e-4,  # spec §4.4 (Base); data2vec §4.2 (Large)
+      # Base: data2vec §4.2. data2vec gives no Large speech values; wav2vec 2.0 LARGE (§4.2): 3e-4.
+      peak_lr=5e-4 if size == "base" else 3e-4,
       b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01,  # spec §4.4
       clip_norm=0.0,  # no clipping (spec §4.4)
-      schedule="tri_stage", phase_ratio=(0.03, 0.9, 0.07),  # spec §4.4
+      schedule="tri_stage", phase_ratio=(0.03, 0.9, 0.07),  # data2vec §4.2; spec §4.4
       init_lr_scale=0.01, final_lr_scale=0.01,  # spec §7.2
+      # data2vec §4.2 says the last stage decays linearly; fairseq's tri_stage decays
+      # exponentially (spec §11.32). The paper wins; 'exponential' reproduces fairseq.
+      decay_shape="linear",
       warmup_steps=_placeholder(int), warmup_percent=_placeholder(float),
       warmup_epochs=_placeholder(float),  # for cosine / polynomial schedules
   ))
-  # 400k updates for Base (spec §4.4); Large trains 600k on Libri-light (data2vec §4.2).
+  # Base: 400k updates (data2vec §4.2). Large: 600k updates on LV-60k (wav2vec 2.0 §4.2).
   c.total_steps = 400_000 if size == "base" else 600_000
   c.total_epochs = _placeholder(float)
   c.data = speech_data()
+  if size == "large":
+    c.data.budget_samples = 153_600_000  # 128 GPUs × 1.2M samples (wav2vec 2.0 §4.2, LARGE)
   c.num_devices = 0  # 0 = all devices on a 1-D data-parallel mesh
   c.log_every = 100
   c.ckpt_every = 5000

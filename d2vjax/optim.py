@@ -17,12 +17,16 @@ from d2vjax.ema import path_str
 
 
 def tri_stage(peak: float, total_steps: int, phase_ratio=(0.03, 0.9, 0.07), init_lr_scale=0.01,
-              final_lr_scale=0.01) -> Callable:
-  """fairseq tri_stage: linear warm-up from ``init_lr_scale·peak``, hold, then EXPONENTIAL decay
-  to ``final_lr_scale·peak`` (spec §7.2, pitfall §11.32), constant afterwards.
+              final_lr_scale=0.01, decay_shape: str = "linear") -> Callable:
+  """Tri-stage: linear warm-up from ``init_lr_scale·peak``, hold at ``peak``, decay to
+  ``final_lr_scale·peak``, constant afterwards.
 
-  Stage lengths are ``int(ratio · total_steps)``; the schedule is a function of completed updates.
+  ``decay_shape='linear'`` is what the data2vec and wav2vec 2.0 papers describe; ``'exponential'``
+  is what fairseq's tri_stage scheduler does (spec §7.2, pitfall §11.32). Stage lengths are
+  ``int(ratio · total_steps)``; the schedule is a function of completed updates.
   """
+  if decay_shape not in ("linear", "exponential"):
+    raise ValueError(f"tri_stage decay_shape must be linear|exponential, got {decay_shape!r}")
   warm, hold, decay = (int(r * total_steps) for r in phase_ratio)
   init, final = init_lr_scale * peak, final_lr_scale * peak
   decay_rate = -math.log(final_lr_scale) / max(decay, 1)
@@ -31,7 +35,11 @@ def tri_stage(peak: float, total_steps: int, phase_ratio=(0.03, 0.9, 0.07), init
     n = jnp.asarray(n, jnp.float32)
     lr_warm = init + (peak - init) * n / max(warm, 1)
     k = n - warm - hold
-    lr_decay = peak * jnp.exp(-decay_rate * jnp.clip(k, 0, decay))
+    kc = jnp.clip(k, 0, decay)
+    if decay_shape == "exponential":
+      lr_decay = peak * jnp.exp(-decay_rate * kc)
+    else:
+      lr_decay = peak + (final - peak) * kc / max(decay, 1)
     lr = jnp.where(n < warm, lr_warm, jnp.where(k < 0, peak, lr_decay))
     return jnp.where(k >= decay, final, lr)
 
@@ -69,7 +77,7 @@ def make_schedule(cfg, total_steps: int, warmup_steps: int) -> Callable:
   """Schedule from ``cfg.schedule`` ∈ {tri_stage, cosine, polynomial, constant}."""
   builders = {
       "tri_stage": lambda: tri_stage(cfg.peak_lr, total_steps, tuple(cfg.phase_ratio),
-                                     cfg.init_lr_scale, cfg.final_lr_scale),
+                                     cfg.init_lr_scale, cfg.final_lr_scale, cfg.decay_shape),
       "cosine": lambda: cosine(cfg.peak_lr, total_steps, warmup_steps),
       "polynomial": lambda: polynomial(cfg.peak_lr, total_steps, warmup_steps),
       "constant": lambda: (lambda n: jnp.full((), cfg.peak_lr, jnp.float32)),

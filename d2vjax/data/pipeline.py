@@ -69,7 +69,7 @@ from d2vjax.data.sources import Example, examples_from_config
 
 __all__ = ["BucketPlan", "plan_buckets", "plan_fingerprint", "batch_rows", "epoch_batches",
            "batch_shapes",
-           "describe_shapes", "make_speech_dataset", "make_speech_iterator", "speech_mask_fn",
+           "describe_shapes", "plan_from_config", "make_speech_dataset", "make_speech_iterator", "speech_mask_fn",
            "SpeechMaskFn", "examples_from_config", "MODES"]
 
 MODES = ("crop", "pad")
@@ -192,7 +192,7 @@ def plan_fingerprint(data_cfg, examples: Sequence[Example], batch_multiple: int 
   """Hex digest of everything the global batch plan depends on (examples, lengths, buckets, rows,
   mode, seed). Hosts that disagree would cut different batches; compare it across processes at
   start (user-needs D1)."""
-  plan = _plan_from_config(data_cfg, examples, batch_multiple)
+  plan = plan_from_config(data_cfg, examples, batch_multiple)
   h = hashlib.sha256()
   h.update(repr((plan.mode, plan.buckets, plan.rows, _get(data_cfg, "seed", 0),
                  bool(_get(data_cfg, "normalize", False)))).encode())
@@ -201,7 +201,8 @@ def plan_fingerprint(data_cfg, examples: Sequence[Example], batch_multiple: int 
   return h.hexdigest()[:16]
 
 
-def _plan_from_config(data_cfg, examples: Sequence[Example], batch_multiple: int) -> BucketPlan:
+def plan_from_config(data_cfg, examples: Sequence[Example], batch_multiple: int) -> BucketPlan:
+  """The ``BucketPlan`` (static batch shapes, batches per epoch) for ``data_cfg`` and ``examples``."""
   return plan_buckets(
       [e.num_samples for e in examples], _get(data_cfg, "buckets"),
       mode=_get(data_cfg, "mode", "crop"), budget_samples=int(_get(data_cfg, "budget_samples")),
@@ -215,12 +216,12 @@ def batch_shapes(data_cfg, examples: Sequence[Example], batch_multiple: int = 1
 
   The trainer prints these at start and can bound its compile count with ``len(...)`` (C1).
   """
-  return _plan_from_config(data_cfg, examples, batch_multiple).shapes()
+  return plan_from_config(data_cfg, examples, batch_multiple).shapes()
 
 
 def describe_shapes(data_cfg, examples: Sequence[Example], batch_multiple: int = 1) -> str:
   """Human-readable summary of the batch shapes and planning counts (one line per shape)."""
-  plan = _plan_from_config(data_cfg, examples, batch_multiple)
+  plan = plan_from_config(data_cfg, examples, batch_multiple)
   lines = [f"{len(plan.shapes())} batch shapes, {plan.total_batches} global batches/epoch, "
            f"mode={plan.mode}, counts={plan.counts}"]
   for (r, s), n in sorted(plan.shapes().items(), key=lambda kv: -kv[0][1]):
@@ -398,7 +399,7 @@ def make_speech_dataset(data_cfg, *, examples: Sequence[Example], seed: int | No
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, {process_count})")
   seed = int(_get(data_cfg, "seed", 0) if seed is None else seed)
-  plan = _plan_from_config(data_cfg, examples, batch_multiple)
+  plan = plan_from_config(data_cfg, examples, batch_multiple)
   if plan.total_batches == 0:
     raise ValueError(
         f"no complete batch: {len(examples)} examples, bucket sizes "

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
-from d2vjax import masking, registry
+from d2vjax import registry
 from d2vjax.models import audio
 
 
@@ -38,22 +36,30 @@ class Speech:
             "mask": np.zeros((batch_size, audio.num_frames(length)), bool)}
 
   @staticmethod
-  def mask_fn(mask_cfg) -> Callable[[np.random.Generator, dict], dict]:
-    """Host masking policy: span masks over each row's valid CNN frames (NumPy, in data workers).
-
-    Adds ``mask`` bool ``[B, T]`` (True = masked), ``T = num_frames(S)``.
+  def mask_fn(mask_cfg):
+    """Host masking policy: span masks (fairseq-spec §2.1) over each row's valid CNN frames,
+    computed in the data workers (picklable). Adds ``mask`` bool ``[B, T]``, ``T = num_frames(S)``.
     """
+    from d2vjax.data import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.speech_mask_fn(mask_cfg)
 
-    def fn(rng: np.random.Generator, batch: dict) -> dict:
-      s = batch["audio"].shape[1]
-      valid = s - batch["padding_mask"].sum(axis=1)
-      batch["mask"] = masking.span_mask(
-          rng, audio.num_frames(valid), audio.num_frames(s), mask_prob=mask_cfg.mask_prob,
-          mask_length=mask_cfg.mask_length, min_masks=mask_cfg.min_masks,
-          require_same_masks=mask_cfg.require_same_masks)
-      return batch
+  @staticmethod
+  def examples(data_cfg, split: str):
+    """``(examples, skipped_counts)`` of a split, from ``data_cfg.source``."""
+    from d2vjax.data import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.examples_from_config(data_cfg, split)
 
-    return fn
+  @staticmethod
+  def batch_plan(data_cfg, examples, batch_multiple: int):
+    """The bucket plan: static batch shapes and steps per epoch."""
+    from d2vjax.data import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.plan_from_config(data_cfg, examples, batch_multiple)
+
+  @staticmethod
+  def make_iterator(data_cfg, **kw):
+    """Grain iterator over this process's share of the batches (see ``make_speech_iterator``)."""
+    from d2vjax.data import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.make_speech_iterator(data_cfg, **kw)
 
   @staticmethod
   def batch_units(batch: dict, sample_rate: int = audio.SAMPLE_RATE) -> float:

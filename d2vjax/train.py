@@ -1,0 +1,210 @@
+r"""Self-supervised pre-training: ``python -m d2vjax.train --config=configs/speech_base.py --workdir=DIR``.
+
+Read top to bottom: config → devices → data (host) → model/objective → state → checkpoint/resume →
+jitted step → loop (metrics, guards, checkpoints, preemption) → export. Everything modality- or
+objective-specific comes from the registry (``config.modality``, ``config.objective``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+from absl import app, flags, logging
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+import numpy as np
+
+from d2vjax import checkpointing, configs_lib, export, metrics as metrics_lib, optim, registry
+from d2vjax import step as step_lib
+
+# Exit codes of `run` (0 = finished or preempted-and-saved).
+EXIT_COLLAPSED = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class EmaSchedule:
+  """EMA decay schedule with the anneal length resolved to steps."""
+  decay: float
+  end_decay: float
+  anneal_steps: int
+
+
+def _host_batch(batch: dict) -> tuple[dict, dict]:
+  """Split a pipeline batch into device arrays and host metadata (keys starting with '_')."""
+  meta = {k: v for k, v in batch.items() if k.startswith("_")}
+  return {k: v for k, v in batch.items() if not k.startswith("_")}, meta
+
+
+def run(config, workdir: str) -> int:
+  """Trains according to ``config`` in ``workdir``; resumes from the newest checkpoint there.
+
+  Returns the process exit code: 0 when finished (or preempted after saving), 3 when the collapse
+  guard stopped the run (after saving).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  logging.info("config:\n%s", config)
+
+  # ------------------------------------------------------------------ devices
+  devices = jax.devices()
+  n_dev = config.num_devices or len(devices)
+  if n_dev > len(devices):
+    raise ValueError(f"num_devices={n_dev} but only {len(devices)} devices are visible")
+  mesh = jax.sharding.Mesh(np.asarray(devices[:n_dev]), ("data",))
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  process_index, process_count = jax.process_index(), jax.process_count()
+
+  # ------------------------------------------------------------------ data (host, NumPy)
+  objective = registry.get("objective", config.objective)(config)
+  modality = objective.modality
+  examples, skipped = modality.examples(config.data, "train")
+  logging.info("train examples: %d (skipped at scan: %s)", len(examples), skipped)
+  plan = modality.batch_plan(config.data, examples, n_dev)
+  steps_per_epoch = plan.total_batches
+  shapes = sorted(plan.shapes())
+  print(f"batch shapes (rows, samples): {shapes} — {len(shapes)} compiled step programs at most; "
+        f"{steps_per_epoch} steps per epoch", flush=True)
+  total_steps = configs_lib.resolve_steps(config, "total", steps_per_epoch=steps_per_epoch,
+                                          total_steps=None)
+  ema_cfg = EmaSchedule(config.ema.decay, config.ema.end_decay, configs_lib.resolve_steps(
+      config.ema, "anneal", steps_per_epoch=steps_per_epoch, total_steps=total_steps))
+  warmup = configs_lib.resolve_steps(config.optim, "warmup", steps_per_epoch=steps_per_epoch,
+                                     total_steps=total_steps, default=0)
+
+  # ------------------------------------------------------------------ model, optimizer, state
+  lr_fn = optim.make_schedule(config.optim, total_steps, warmup)
+  min_rows, min_len = min(shapes, key=lambda s: s[1])
+  dummy = modality.dummy_batch(min_rows, min_len)
+  rng = jax.random.key(config.seed)
+  params_shape = jax.eval_shape(objective.init, rng, dummy)
+  tx = optim.make_optimizer(config.optim, lr_fn, params_shape, objective.frozen)
+  init_fn = lambda r: step_lib.init_state(objective, tx, r, dummy)
+  state_shape = jax.eval_shape(init_fn, rng)
+  state_sharding = jax.tree.map(lambda _: replicated, state_shape)
+  rows, total_params = metrics_lib.parameter_table(state_shape["params"])
+  print(metrics_lib.format_parameter_table(rows, total_params), flush=True)
+
+  # ------------------------------------------------------------------ checkpoint / resume
+  manager = checkpointing.make_manager(
+      os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
+      save_interval_steps=config.ckpt_every, async_save=config.async_checkpointing)
+  data_iter = modality.make_iterator(
+      config.data, examples=examples, seed=config.data.seed, batch_multiple=n_dev,
+      process_index=process_index, process_count=process_count,
+      batch_fn=modality.mask_fn(config.masking))
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          state_shape, state_sharding)
+  restored = checkpointing.restore_latest(manager, abstract, data_iter=data_iter)
+  if restored is not None:
+    state, start_step = restored
+    print(f"resumed from step {start_step} in {workdir}", flush=True)
+  else:
+    state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+    start_step = 0
+
+  # ------------------------------------------------------------------ jitted step
+  train_step = jax.jit(step_lib.make_train_step(objective, tx, lr_fn, ema_cfg, config.seed),
+                       in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+
+  # ------------------------------------------------------------------ loop
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard)
+  writer.write_text(start_step, "config", config.to_json_best_effort())
+  buffer = metrics_lib.MetricBuffer()
+  progress = metrics_lib.Progress(total_steps, unit=modality.unit, start_step=start_step)
+  guard = metrics_lib.CollapseGuard(config.guard.min_target_var, config.guard.patience)
+  nonfinite = metrics_lib.NonFiniteCounter()
+  bad_counts: dict[str, int] = dict(skipped)
+  preemption = checkpointing.PreemptionHandler().install()
+  exit_code, stop_reason = 0, "finished"
+  compile_s = None
+  step = start_step
+  try:
+    while step < total_steps:
+      host, meta = _host_batch(next(data_iter))
+      for reason, n in meta.get("_bad", {}).items():
+        bad_counts[reason] = bad_counts.get(reason, 0) + int(n)
+      units = modality.batch_units(host) * process_count
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
+               for k, v in host.items()}
+      t0 = time.perf_counter()
+      state, step_metrics = train_step(state, batch)
+      step += 1
+      if compile_s is None:
+        jax.block_until_ready(step_metrics)
+        compile_s = time.perf_counter() - t0
+        writer.write_scalars(step, {"compile_s": compile_s, "total_params": total_params})
+        print(f"first step (compile + run): {compile_s:.1f} s; params: {total_params}", flush=True)
+      buffer.add(step, step_metrics)
+      progress.update(step, units)
+
+      if step % config.log_every == 0 or step == total_steps:
+        flushed = buffer.drain() if step == total_steps else buffer.flush()
+        if flushed is not None:
+          log_step, scalars = flushed
+          nonfinite.update(scalars)
+          scalars.update({f"bad/{k}": v for k, v in bad_counts.items()})
+          scalars.update(progress.summary())
+          scalars["nonfinite_total"] = nonfinite.total
+          writer.write_scalars(log_step, scalars)
+          message = guard.check(log_step, scalars) if log_step >= config.guard.start_step else None
+          if message:
+            print(message, flush=True)
+            exit_code, stop_reason = EXIT_COLLAPSED, "collapsed"
+            break
+      checkpointing.save(manager, step, state, data_iter=data_iter, config=config)
+      if preemption.should_stop(manager, step):
+        stop_reason = "preempted"
+        break
+    # Whatever stopped the loop, nothing already trained is lost.
+    tail = buffer.drain()
+    if tail is not None:
+      writer.write_scalars(tail[0], tail[1])
+    checkpointing.save(manager, step, state, data_iter=data_iter, config=config, force=True)
+    checkpointing.wait(manager)
+  finally:
+    preemption.uninstall()
+    progress.close()
+    writer.close()
+    close = getattr(data_iter, "close", None)
+    if close is not None:
+      close()
+
+  if stop_reason == "finished" and process_index == 0:
+    out = os.path.join(workdir, "export", "params.msgpack")
+    export.export_workdir(workdir, out)
+    print(f"exported student params to {out}", flush=True)
+  summary = {"stop_reason": stop_reason, "step": step, "compile_s": compile_s,
+             "total_params": total_params, "bad_inputs": bad_counts, **progress.summary()}
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1, default=float)
+  print(f"{stop_reason} at step {step}: {summary}", flush=True)
+  manager.close()
+  return exit_code
+
+
+def _cli() -> None:
+  """Command line; flags are defined here so importing this module defines none."""
+  config = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
+                                           lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, exports.")
+
+  def main(argv: Any) -> None:
+    del argv
+    if workdir.value is None:
+      raise app.UsageError("--workdir is required")
+    code = run(config.value, workdir.value)
+    if code:
+      raise SystemExit(code)
+
+  jax.config.config_with_absl()
+  app.run(main)
+
+
+if __name__ == "__main__":
+  _cli()
