@@ -7,6 +7,7 @@ tri-stage, 400k updates. Hyper-parameters and their sources live in d2vjax/confi
 
 Arguments after ':' (comma separated):
   cpu          laptop / CI preset: tiny model, embedded corpus, 300 steps (README's command)
+  test         unit-test preset: 2 layers × 64, 1 s crops, 8 steps
   steps=N      total steps (with cpu: also the EMA anneal length)
 Point it at LibriSpeech with e.g. --config.data.source=manifest --config.data.manifest=train.tsv.
 """
@@ -15,9 +16,11 @@ import d2vjax.configs_lib as cl
 
 
 def get_config(arg=None):
-  arg = cl.parse_arg(arg, cpu=False, steps=0)
+  arg = cl.parse_arg(arg, cpu=False, test=False, steps=0)
   c = cl.data2vec_speech("base")
-  if arg.cpu:
+  if arg.test:
+    cl.test_preset(c, total_steps=arg.steps or 8)
+  elif arg.cpu:
     cl.cpu_preset(c, total_steps=arg.steps or 300)
   elif arg.steps:
     c.total_steps = arg.steps

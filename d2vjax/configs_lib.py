@@ -110,6 +110,9 @@ def data2vec_speech(size: str) -> ml_collections.ConfigDict:
       head_layers=1,  # final_proj Linear(D→D) (spec §4.1)
       encoder=dict(
           variant=size,  # Base 12×768 / Large 24×1024 (data2vec §4.2)
+          # Explicit sizes override the variant's (None = the variant's value).
+          num_layers=_placeholder(int), dim=_placeholder(int), ffn_dim=_placeholder(int),
+          num_heads=_placeholder(int),
           dropout=0.1, attention_dropout=0.1, activation_dropout=0.0,  # spec §4.1
           # encoder_layerdrop 0.05 (spec §4.1); Large follows wav2vec 2.0 LV-60k: none (w2v2 §4.2).
           layerdrop=0.05 if size == "base" else 0.0,
@@ -156,6 +159,9 @@ def data2vec_speech(size: str) -> ml_collections.ConfigDict:
   # Base: 400k updates (data2vec §4.2). Large: 600k updates on LV-60k (wav2vec 2.0 §4.2).
   c.total_steps = 400_000 if size == "base" else 600_000
   c.total_epochs = _placeholder(float)
+  # Stop (after saving) once this step is reached, without changing the schedules: for
+  # time-limited jobs that train in chunks. 0 = run to total_steps.
+  c.stop_after_steps = 0
   c.data = speech_data()
   if size == "large":
     c.data.budget_samples = 153_600_000  # 128 GPUs × 1.2M samples (wav2vec 2.0 §4.2, LARGE)
@@ -178,8 +184,9 @@ def cpu_preset(c: ml_collections.ConfigDict, total_steps: int = 300) -> None:
   """Shrink a speech config to a laptop/CI run on the embedded corpus: tiny model, short crops,
   a few hundred steps, frequent logs. The objective, masking and schedules are unchanged."""
   c.model.encoder.variant = "tiny"
-  # The 512-wide CNN is ~95 % of a tiny model's FLOPs on 2 s crops; 128 channels keep its shape.
-  c.model.conv_channels = 128
+  # The 512-wide CNN is ~95 % of a tiny model's FLOPs on 2 s crops; 64 channels keep its shape
+  # (7 convs, strides, receptive field) at a CPU-friendly cost.
+  c.model.conv_channels = 64
   c.model.encoder.layerdrop = 0.0
   c.targets.top_k = 3
   c.data.buckets = [32000, 48000]
@@ -191,3 +198,17 @@ def cpu_preset(c: ml_collections.ConfigDict, total_steps: int = 300) -> None:
   c.log_every = 10
   c.ckpt_every = 100
   c.guard.patience = 5
+
+
+def test_preset(c: ml_collections.ConfigDict, total_steps: int = 8) -> None:
+  """Even smaller than ``cpu_preset``, for unit tests: 2 layers × 64, 1 s crops, 4 rows."""
+  cpu_preset(c, total_steps)
+  c.model.conv_channels = 32
+  c.model.encoder.update(dict(num_layers=2, dim=64, ffn_dim=128, num_heads=2, pos_width=15,
+                              pos_depth=3, pos_groups=4))
+  c.targets.top_k = 2
+  c.data.update(dict(buckets=[16000], min_sample_size=16000, budget_samples=4 * 16000))
+  c.log_every = 1
+  c.ckpt_every = 4
+  c.async_checkpointing = False
+  c.tensorboard = False

@@ -144,7 +144,7 @@ def run(config, workdir: str) -> int:
       progress.update(step, units)
 
       if step % config.log_every == 0 or step == total_steps:
-        flushed = buffer.drain() if step == total_steps else buffer.flush()
+        flushed = buffer.flush()  # leaves the newest step pending: no stall on the device
         if flushed is not None:
           log_step, scalars = flushed
           nonfinite.update(scalars)
@@ -160,6 +160,9 @@ def run(config, workdir: str) -> int:
       checkpointing.save(manager, step, state, data_iter=data_iter, config=config)
       if preemption.should_stop(manager, step):
         stop_reason = "preempted"
+        break
+      if config.stop_after_steps and step >= config.stop_after_steps:
+        stop_reason = "stop_after_steps"
         break
     # Whatever stopped the loop, nothing already trained is lost.
     tail = buffer.drain()
