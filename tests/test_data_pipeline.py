@@ -321,7 +321,7 @@ def test_state_resume_gives_the_same_next_batches(corpus, tmp_path):
   cfg = _cfg(corpus, num_threads=2)
   ex, _ = sources.examples_from_config(cfg, "train")
   fn = pipeline.speech_mask_fn(MASK)
-  n = pipeline._plan_from_config(cfg, ex, 1).total_batches
+  n = pipeline.plan_from_config(cfg, ex, 1).total_batches
   it = pipeline.make_speech_iterator(cfg, examples=ex, batch_fn=fn)
   for _ in range(n - 2):
     next(it)

@@ -69,7 +69,8 @@ from d2vjax.data.sources import Example, examples_from_config
 
 __all__ = ["BucketPlan", "plan_buckets", "plan_fingerprint", "batch_rows", "epoch_batches",
            "batch_shapes",
-           "describe_shapes", "plan_from_config", "make_speech_dataset", "make_speech_iterator", "speech_mask_fn",
+           "describe_shapes", "plan_from_config", "make_speech_dataset", "make_speech_iterator",
+           "speech_mask_fn",
            "SpeechMaskFn", "examples_from_config", "MODES"]
 
 MODES = ("crop", "pad")
