@@ -170,7 +170,6 @@ def data2vec_speech(size: str) -> ml_collections.ConfigDict:
   c.ckpt_every = 5000
   c.keep_checkpoints = 3
   c.async_checkpointing = True
-  c.export_every = 0  # 0 = export only at the end
   c.tensorboard = True
   c.guard = ml_collections.ConfigDict(dict(
       min_target_var=0.1,  # fairseq min_target_var (spec §4.1 step 8)
