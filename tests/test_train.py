@@ -195,3 +195,49 @@ def test_compiled_programs_bounded_by_buckets(tmp_path):
   assert np.isfinite(float(m["loss"]))
   assert step._cache_size() == len(seen) <= 3
   chex.clear_trace_counter()
+
+
+def test_collapse_guard_stops_and_saves(tmp_path):
+  """An unreachable target-variance floor trips the guard after `patience` windows: the run stops
+  with exit code 3, a message naming the knobs, and a checkpoint of what was trained."""
+  c = _test_config(steps=50)
+  c.num_devices = 1
+  c.guard.min_target_var = 100.0
+  c.guard.patience = 2
+  workdir = str(tmp_path / "run")
+  assert train.run(c, workdir) == train.EXIT_COLLAPSED
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  assert summary["stop_reason"] == "collapsed"
+  assert summary["step"] < 10  # stopped early, not at 50
+  assert checkpointing.latest_step(os.path.join(workdir, "checkpoints")) == summary["step"]
+  assert not os.path.exists(os.path.join(workdir, "export"))
+
+
+def test_summary_and_export_cli(tmp_path):
+  """`python -m d2vjax.summary` prints one row per top-level module and `total_params: N` equal to
+  the eval_shape count; `python -m d2vjax.export --teacher` writes the teacher merged over the
+  student."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  p = subprocess.run([sys.executable, "-m", "d2vjax.summary", f"--config={CONFIG}"], cwd=ROOT,
+                     env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr
+  lines = p.stdout.strip().splitlines()
+  assert lines[-1] == "total_params: 93754880"  # 93,164,288 + head 768·768 + 768
+  assert {l.split()[0] for l in lines[1:-1]} == {"encoder", "frontend", "head", "mask_emb"}
+
+  c = _test_config(steps=2)
+  c.num_devices = 1
+  workdir = str(tmp_path / "run")
+  assert train.run(c, workdir) == 0
+  out = str(tmp_path / "teacher.msgpack")
+  p = subprocess.run([sys.executable, "-m", "d2vjax.export", f"--workdir={workdir}",
+                      f"--out={out}", "--teacher"], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert p.returncode == 0, p.stderr
+  teacher = export.load_params(out)
+  student = export.load_params(os.path.join(workdir, "export", "params.msgpack"))
+  ckpt_teacher = checkpointing.restore_params_only(os.path.join(workdir, "checkpoints"),
+                                                   subtree="teacher")
+  jax.tree.map(np.testing.assert_array_equal, teacher["encoder"], ckpt_teacher["encoder"])
+  jax.tree.map(np.testing.assert_array_equal, teacher["frontend"], student["frontend"])
+  assert json.load(open(str(tmp_path / "teacher.json")))["subtree"] == "teacher"
