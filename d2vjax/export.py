@@ -80,7 +80,7 @@ def load_model(path: str):
   params = load_params(path)
   import jax  # pylint: disable=g-import-not-at-top
   expected = jax.eval_shape(objective.init, jax.random.key(0),
-                            objective.modality.dummy_batch(1, 32000))
+                            objective.modality.dummy_batch(config.data))
   got = jax.tree.map(lambda a: (a.shape, str(a.dtype)), params)
   want = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), expected)
   if jax.tree.structure(got) != jax.tree.structure(want) or got != want:

@@ -14,7 +14,7 @@ from d2vjax import metrics, registry
 def summarize(config) -> str:
   """The parameter table (one row per top-level module) as text, ending in ``total_params: N``."""
   objective = registry.get("objective", config.objective)(config)
-  dummy = objective.modality.dummy_batch(1, min(config.data.buckets))
+  dummy = objective.modality.dummy_batch(config.data)
   params = jax.eval_shape(objective.init, jax.random.key(0), dummy)
   rows, total = metrics.parameter_table(params)
   return metrics.format_parameter_table(rows, total)

@@ -78,8 +78,7 @@ def run(config, workdir: str) -> int:
 
   # ------------------------------------------------------------------ model, optimizer, state
   lr_fn = optim.make_schedule(config.optim, total_steps, warmup)
-  min_rows, min_len = min(shapes, key=lambda s: s[1])
-  dummy = modality.dummy_batch(min_rows, min_len)
+  dummy = modality.dummy_batch(config.data)
   rng = jax.random.key(config.seed)
   params_shape = jax.eval_shape(objective.init, rng, dummy)
   tx = optim.make_optimizer(config.optim, lr_fn, params_shape, objective.frozen)

@@ -82,7 +82,7 @@ def test_run_end_to_end_on_8_devices(tmp_path):
   np.testing.assert_array_equal(np.asarray(lr1), np.asarray(lr2))
   assert x1.shape == (2, 49, 64) and lr1.shape == (2, 2, 49, 64)
   # The exported student differs from the initial params (training happened).
-  init = objective.init(jax.random.key(c.seed), objective.modality.dummy_batch(1, 16000))
+  init = objective.init(jax.random.key(c.seed), objective.modality.dummy_batch(c.data))
   assert not np.allclose(np.asarray(init["head"]["proj"]["kernel"]),
                          params["head"]["proj"]["kernel"])
 
@@ -179,7 +179,7 @@ def test_compiled_programs_bounded_by_buckets(tmp_path):
                                      batch_fn=pipeline.speech_mask_fn(c.masking))
   objective = registry.get("objective", "data2vec")(c)
   lr_fn = optim.make_schedule(c.optim, 100, 0)
-  dummy = objective.modality.dummy_batch(2, 32000)
+  dummy = objective.modality.dummy_batch(c.data, 2)
   tx = optim.make_optimizer(c.optim, lr_fn, jax.eval_shape(objective.init, jax.random.key(0),
                                                             dummy))
   state = jax.jit(lambda r: step_lib.init_state(objective, tx, r, dummy))(jax.random.key(0))

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from d2vjax import registry
+from d2vjax.modalities.base import Modality
 from d2vjax.models import audio
 
 
 @registry.register("modality", "speech")
-class Speech:
+class Speech(Modality):
   """Speech: inputs ``audio`` float32 ``[B, S]`` (16 kHz) and ``padding_mask`` bool ``[B, S]``."""
 
   name = "speech"
@@ -29,8 +30,9 @@ class Speech:
     return ("frontend/cnn/.*",) if model_cfg.feature_grad_mult == 0 else ()
 
   @staticmethod
-  def dummy_batch(batch_size: int, length: int) -> dict:
-    """An all-zero batch with the pre-training keys, for shape inference and init."""
+  def dummy_batch(data_cfg, batch_size: int = 1) -> dict:
+    """An all-zero batch (shortest bucket) with the pre-training keys, for shape inference/init."""
+    length = min(data_cfg.buckets)
     return {"audio": np.zeros((batch_size, length), np.float32),
             "padding_mask": np.zeros((batch_size, length), bool),
             "mask": np.zeros((batch_size, audio.num_frames(length)), bool)}

@@ -38,6 +38,14 @@ class EncoderConfig:
   activation_dropout: float = 0.0
   layerdrop: float = 0.0
   layer_norm_first: bool = False
+  # Post-LN encoders normalise the input before the first layer (wav2vec2, spec §11.26); text
+  # keeps that LayerNorm in its embedding instead (fairseq layernorm_embedding, spec §4.2).
+  input_layer_norm: bool = True
+  layer_scale: float = 0.0  # > 0: per-channel residual gains initialised to this (BEiT)
+  drop_path: float = 0.0  # stochastic depth, rising linearly from 0 to this over the layers
+  qkv_bias: str = "qkv"  # 'qkv' (fairseq) | 'qv' (BEiT: no key bias)
+  layer_result: str = "ffn"  # what each layer reports: 'ffn' output (data2vec) | 'block' output
+  attn_bias: str = "none"  # registry kind 'attn_bias' (shared across layers), or 'none'
   pos_encoder: str = "none"  # registry kind 'pos_encoder', or 'none'
   pos_width: int = 128
   pos_groups: int = 16
@@ -72,10 +80,12 @@ class MultiHeadAttention(nn.Module):
     cfg = self.cfg
     dtype = layers.dtype_of(cfg.dtype)
     h, dh = cfg.num_heads, cfg.dim // cfg.num_heads
-    dense = lambda name: nn.DenseGeneral((h, dh), kernel_init=layers.bert_init, dtype=dtype,
-                                         name=name)
+    if cfg.qkv_bias not in ("qkv", "qv"):
+      raise ValueError(f"encoder.qkv_bias must be 'qkv' or 'qv', got {cfg.qkv_bias!r}")
+    dense = lambda name, use_bias=True: nn.DenseGeneral(
+        (h, dh), use_bias=use_bias, kernel_init=layers.bert_init, dtype=dtype, name=name)
     q = dense("q_proj")(x) * (dh ** -0.5)
-    k = dense("k_proj")(x)
+    k = dense("k_proj", cfg.qkv_bias == "qkv")(x)
     v = dense("v_proj")(x)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
     if bias is not None:
@@ -92,13 +102,14 @@ class MultiHeadAttention(nn.Module):
 class EncoderLayer(nn.Module):
   """One wav2vec2 TransformerSentenceEncoderLayer (post-LN or pre-LN), with LayerDrop.
 
-  Scan-compatible: ``(x, (padding_mask, bias)) → (x, layer_result)``.
+  Scan-compatible: ``(x, ((padding_mask, bias), drop_path_rate)) → (x, layer_result)``; the rate
+  is this layer's stochastic-depth probability (a scanned input, so layers may differ).
   """
   cfg: EncoderConfig
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, side):
+  def __call__(self, x, side, drop_path_rate=0.0):
     padding_mask, bias = side
     cfg = self.cfg
     dtype = layers.dtype_of(cfg.dtype)
@@ -110,22 +121,39 @@ class EncoderLayer(nn.Module):
     fc2 = nn.Dense(cfg.dim, kernel_init=layers.bert_init, dtype=dtype, name="fc2")
     ffn = lambda y: fc2(drop(cfg.activation_dropout, layers.gelu(fc1(y))))
 
+    if cfg.layer_scale > 0:
+      init = nn.initializers.constant(cfg.layer_scale)
+      g1 = self.param("gamma_1", init, (cfg.dim,), jnp.float32).astype(dtype)
+      g2 = self.param("gamma_2", init, (cfg.dim,), jnp.float32).astype(dtype)
+    else:
+      g1 = g2 = 1.0
+
+    def branch(y, gain):
+      y = drop(cfg.dropout, y) * gain
+      if cfg.drop_path > 0 and not self.deterministic:
+        keep = 1.0 - drop_path_rate
+        u = jax.random.uniform(self.make_rng("dropout"), (y.shape[0],) + (1,) * (y.ndim - 1))
+        y = jnp.where(u < keep, y / keep, 0).astype(y.dtype)
+      return y
+
     x_in = x
     if cfg.layer_norm_first:
-      x = x + drop(cfg.dropout, attn(ln1(x), padding_mask, bias))
+      x = x + branch(attn(ln1(x), padding_mask, bias), g1)
       f = ffn(ln2(x))
-      x = x + drop(cfg.dropout, f)
+      x = x + branch(f, g2)
     else:
-      x = ln1(x + drop(cfg.dropout, attn(x, padding_mask, bias)))
+      x = ln1(x + branch(attn(x, padding_mask, bias), g1))
       f = ffn(x)
-      x = ln2(x + drop(cfg.dropout, f))
+      x = ln2(x + branch(f, g2))
 
     if cfg.layerdrop > 0 and not self.deterministic:
       # One draw per layer per step, shared by the whole batch (spec §11.27); the layer is still
       # computed so the program shape never changes (user-needs D2).
       u = jax.random.uniform(self.make_rng("dropout"))
       x = jnp.where(u <= cfg.layerdrop, x_in, x)
-    return x, f
+    if cfg.layer_result not in ("ffn", "block"):
+      raise ValueError(f"encoder.layer_result must be 'ffn' or 'block', got {cfg.layer_result!r}")
+    return x, (f if cfg.layer_result == "ffn" else x)
 
 
 def _layer_class(cfg: EncoderConfig):
@@ -157,20 +185,26 @@ class TransformerEncoder(nn.Module):
     if cfg.pos_encoder != "none":
       pos_cls = registry.get("pos_encoder", cfg.pos_encoder)
       x = x + pos_cls(cfg.dim, cfg.pos_width, cfg.pos_groups, cfg.pos_depth, name="pos_conv")(x)
-    if not cfg.layer_norm_first:
+    if not cfg.layer_norm_first and cfg.input_layer_norm:
       x = layers.LayerNorm(cfg.norm_eps, name="layer_norm")(x)
     x = nn.Dropout(cfg.dropout)(x, deterministic=not train)
+    if cfg.attn_bias != "none":
+      # One bias table shared by every layer (BEiT's shared relative position bias).
+      shared = registry.get("attn_bias", cfg.attn_bias)(cfg.num_heads, name="attn_bias")(x.shape[1])
+      bias = shared if bias is None else bias + shared
     layer_cls = _layer_class(cfg)
     side = (padding_mask, bias)
+    rates = jnp.linspace(0.0, cfg.drop_path, cfg.num_layers) if cfg.num_layers > 1 else \
+        jnp.full((cfg.num_layers,), cfg.drop_path)
     if cfg.scan:
       scanned = nn.scan(layer_cls, variable_axes={"params": 0},
                         split_rngs={"params": True, "dropout": True},
-                        in_axes=nn.broadcast, length=cfg.num_layers)
-      x, results = scanned(cfg, not train, name="layers")(x, side)
+                        in_axes=(nn.broadcast, 0), length=cfg.num_layers)
+      x, results = scanned(cfg, not train, name="layers")(x, side, rates)
     else:
       outs = []
       for i in range(cfg.num_layers):
-        x, f = layer_cls(cfg, not train, name=f"layers_{i}")(x, side)
+        x, f = layer_cls(cfg, not train, name=f"layers_{i}")(x, side, rates[i])
         outs.append(f)
       results = jnp.stack(outs)
     if cfg.layer_norm_first:

@@ -44,9 +44,12 @@ class Data2VecModel(nn.Module):
   head: nn.Module
   dim: int
   dropout_input: float = 0.0
+  mask_emb_init: str = "uniform"  # U[0,1) (wav2vec2/data2vec audio) | 'trunc_normal' σ 0.02 (BEiT)
 
   def setup(self):
-    self.mask_emb = self.param("mask_emb", layers.uniform01, (self.dim,), jnp.float32)
+    init = {"uniform": layers.uniform01,
+            "trunc_normal": nn.initializers.truncated_normal(0.02)}[self.mask_emb_init]
+    self.mask_emb = self.param("mask_emb", init, (self.dim,), jnp.float32)
     self.input_dropout = nn.Dropout(self.dropout_input)
 
   def features(self, inputs: dict, train: bool = False) -> dict:
@@ -66,7 +69,7 @@ class Data2VecModel(nn.Module):
 
   def __call__(self, inputs: dict, train: bool = False):
     f = self.features(inputs, train)
-    mask = inputs.get("mask", jnp.zeros(f["features"].shape[:2], bool))
+    mask = jnp.zeros(f["features"].shape[:2], bool)
     return self.student(f["features"], mask, f["padding_mask"], train)
 
 
@@ -85,14 +88,16 @@ class Data2Vec:
         frontend=self.modality.frontend(m, self.encoder_cfg.dim, dtype),
         encoder=transformer.TransformerEncoder(self.encoder_cfg),
         head=RegressionHead(self.encoder_cfg.dim, m.head_layers, dtype),
-        dim=self.encoder_cfg.dim, dropout_input=m.dropout_input)
+        dim=self.encoder_cfg.dim, dropout_input=m.dropout_input,
+        mask_emb_init=m.get("mask_emb_init", "uniform"))
     self.ema_scope = tuple(config.ema.scope)
     self.ema_copy = tuple(config.ema.copy)
     self.frozen = tuple(self.modality.frozen_patterns(m))
 
   def init(self, rng: jax.Array, batch: dict) -> dict:
     """Student params (plain nested dict) from a batch of the right structure."""
-    return self.model.init({"params": rng}, batch, False)["params"]
+    params = self.model.init({"params": rng}, self.modality.student_inputs(batch), False)["params"]
+    return self.modality.post_init(params, self.config.model)
 
   def init_teacher(self, params: dict) -> dict:
     """fp32 copy of the EMA'd subtrees."""
@@ -110,13 +115,23 @@ class Data2Vec:
     """Scalar loss (sum over masked positions / their count) and a metrics dict."""
     cfg = self.config
     rngs = {"dropout": rng}
-    f = self.model.apply({"params": params}, batch, train, method="features", rngs=rngs)
+    mod = self.modality
+    f = self.model.apply({"params": params}, mod.student_inputs(batch), train, method="features",
+                         rngs=rngs)
     feats, pad = f["features"], f["padding_mask"]
-    pred = self.model.apply({"params": params}, feats, batch["mask"], pad, train,
-                            method="student", rngs=rngs)
-    # Teacher: EMA'd subtrees over the student's (eval-mode) remainder, unmasked input.
+    # Feature-space masking replaces masked positions by mask_emb; otherwise the data already
+    # corrupted the student's input and the student sees no extra masking.
+    feat_mask = batch["mask"] if mod.feature_masking else jnp.zeros_like(batch["mask"])
+    pred = self.model.apply({"params": params}, feats, feat_mask, pad, train, method="student",
+                            rngs=rngs)
+    # Teacher: EMA'd subtrees over the student's remainder, eval mode, unmasked input.
     t_params = {**params, **teacher}
-    _, layer_results = self.model.apply({"params": t_params}, jax.lax.stop_gradient(feats), pad,
+    if mod.feature_masking:
+      t_feats = jax.lax.stop_gradient(feats)
+    else:
+      t_feats = self.model.apply({"params": t_params}, mod.teacher_inputs(batch), False,
+                                 method="features")["features"]
+    _, layer_results = self.model.apply({"params": t_params}, jax.lax.stop_gradient(t_feats), pad,
                                         False, method="contextualize")
     y = targets.build_targets(jax.lax.stop_gradient(layer_results), pad, top_k=cfg.targets.top_k,
                               layer_norm_type=cfg.targets.layer_norm,
