@@ -8,17 +8,15 @@ Kinds in use: ``modality`` (feature encoder + masking policy + target-norm defau
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any, Callable
 
 _REGISTRY: dict[str, dict[str, Any]] = {}
 
-# Modules whose import registers the built-in entries; imported lazily on first lookup so that
-# `import d2vjax.registry` stays cheap and import cycles cannot form.
-_BUILTINS = (
-    "d2vjax.models.audio",
-    "d2vjax.modalities.speech",
-    "d2vjax.objectives.data2vec",
-)
+# Packages whose modules register the built-in entries on import. Every module in them is imported
+# lazily on the first lookup, so `import d2vjax.registry` stays cheap, import cycles cannot form,
+# and a new modality/objective/model file needs no edit here.
+_BUILTIN_PACKAGES = ("d2vjax.models", "d2vjax.modalities", "d2vjax.objectives")
 
 
 def register(kind: str, name: str) -> Callable[[Any], Any]:
@@ -35,8 +33,10 @@ def register(kind: str, name: str) -> Callable[[Any], Any]:
 
 
 def _load_builtins() -> None:
-  for mod in _BUILTINS:
-    importlib.import_module(mod)
+  for pkg_name in _BUILTIN_PACKAGES:
+    pkg = importlib.import_module(pkg_name)
+    for info in pkgutil.iter_modules(pkg.__path__):
+      importlib.import_module(f"{pkg_name}.{info.name}")
 
 
 def get(kind: str, name: str) -> Any:
