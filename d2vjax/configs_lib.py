@@ -94,20 +94,56 @@ def speech_data(source: str = "embedded") -> ml_collections.ConfigDict:
   ))
 
 
-def data2vec_speech(size: str) -> ml_collections.ConfigDict:
-  """data2vec 1.0 speech pre-training, Base (LS-960) or Large (LL-60k), fairseq-spec §4.1/§4.4."""
-  c = ml_collections.ConfigDict()
-  c.modality = "speech"
-  c.objective = "data2vec"
-  c.seed = 0
+def optimizer(peak_lr: float, **overrides) -> ml_collections.ConfigDict:
+  """AdamW + schedule section with fairseq's defaults (spec §7): (0.9, 0.98), eps 1e-6, wd 0.01,
+  no clipping, tri-stage [0.03, 0.9, 0.07] from/to 1 % of the peak."""
+  o = ml_collections.ConfigDict(dict(
+      peak_lr=peak_lr,
+      b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01,  # spec §7.1, §4.4
+      clip_norm=0.0,  # 0 = no clipping (spec §7.3)
+      schedule="tri_stage", phase_ratio=(0.03, 0.9, 0.07),  # data2vec §4.2; spec §4.4
+      init_lr_scale=0.01, final_lr_scale=0.01,  # spec §7.2
+      # The papers decay the last tri-stage phase linearly; fairseq's tri_stage decays
+      # exponentially (spec §11.32). The paper wins; 'exponential' reproduces fairseq.
+      decay_shape="linear",
+      # Warm-up of the cosine / polynomial schedules (one of them).
+      warmup_steps=_placeholder(int), warmup_percent=_placeholder(float),
+      warmup_epochs=_placeholder(float),
+  ))
+  o.update(overrides)
+  return o
 
-  c.model = ml_collections.ConfigDict(dict(
+
+def run_fields(c: ml_collections.ConfigDict, total_steps: int) -> None:
+  """Trainer fields shared by every config: duration, devices, logging, checkpoints, guard."""
+  c.seed = 0
+  c.total_steps = total_steps
+  c.total_epochs = _placeholder(float)
+  # Stop (after saving) once this step is reached, without changing the schedules: for
+  # time-limited jobs that train in chunks. 0 = run to total_steps.
+  c.stop_after_steps = 0
+  c.num_devices = 0  # 0 = all devices on a 1-D data-parallel mesh
+  c.log_every = 100
+  c.ckpt_every = 5000
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+  c.tensorboard = True
+  c.guard = ml_collections.ConfigDict(dict(
+      key="target_var",  # metric watched for collapse
+      min_value=0.1,  # fairseq min_target_var (spec §4.1 step 8); ≤ 0 disables the guard
+      patience=3,  # consecutive logged windows below the threshold
+      start_step=0,  # fairseq arms its guard after 5000 updates; the window average is robust
+  ))
+
+
+def speech_model(size: str, **overrides) -> ml_collections.ConfigDict:
+  """Speech model section: CNN + Transformer, data2vec 1.0 audio defaults (spec §4.1)."""
+  m = ml_collections.ConfigDict(dict(
       extractor_mode="layer_norm",  # data2vec: LN after every conv (spec §1.2)
       conv_bias=False,  # spec §4.1
       conv_channels=512,  # CNN width (spec §1.2)
       feature_grad_mult=1.0,  # spec §1.2
       dropout_input=0.0,  # spec §4.1
-      head_layers=1,  # final_proj Linear(D→D) (spec §4.1)
       encoder=dict(
           variant=size,  # Base 12×768 / Large 24×1024 (data2vec §4.2)
           # Explicit sizes override the variant's (None = the variant's value).
@@ -121,6 +157,20 @@ def data2vec_speech(size: str) -> ml_collections.ConfigDict:
           norm_eps=1e-5, scan=True, remat="none", dtype="float32",
       ),
   ))
+  for k, v in overrides.items():
+    if k == "encoder":
+      m.encoder.update(v)
+    else:
+      m[k] = v
+  return m
+
+
+def data2vec_speech(size: str) -> ml_collections.ConfigDict:
+  """data2vec 1.0 speech pre-training, Base (LS-960) or Large (LL-60k), fairseq-spec §4.1/§4.4."""
+  c = ml_collections.ConfigDict()
+  c.modality = "speech"
+  c.objective = "data2vec"
+  c.model = speech_model(size, head_layers=1)  # final_proj Linear(D→D) (spec §4.1)
   c.masking = ml_collections.ConfigDict(dict(
       mask_prob=0.65, mask_length=10,  # data2vec §4.2 / spec §4.4
       min_masks=1,  # data2vec (spec §2.1)
@@ -143,39 +193,67 @@ def data2vec_speech(size: str) -> ml_collections.ConfigDict:
       scope=("encoder",),  # teacher = EMA of the Transformer (spec §5.4)
       copy=("encoder/pos_conv/.*",),  # pos_conv hard-copied (ema_layers_only, spec §4.1)
   ))
-  c.optim = ml_collections.ConfigDict(dict(
-      # Base: data2vec §4.2. data2vec gives no Large speech values; wav2vec 2.0 LARGE (§4.2): 3e-4.
-      peak_lr=5e-4 if size == "base" else 3e-4,
-      b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01,  # spec §4.4
-      clip_norm=0.0,  # no clipping (spec §4.4)
-      schedule="tri_stage", phase_ratio=(0.03, 0.9, 0.07),  # data2vec §4.2; spec §4.4
-      init_lr_scale=0.01, final_lr_scale=0.01,  # spec §7.2
-      # data2vec §4.2 says the last stage decays linearly; fairseq's tri_stage decays
-      # exponentially (spec §11.32). The paper wins; 'exponential' reproduces fairseq.
-      decay_shape="linear",
-      warmup_steps=_placeholder(int), warmup_percent=_placeholder(float),
-      warmup_epochs=_placeholder(float),  # for cosine / polynomial schedules
-  ))
+  # Base: data2vec §4.2. data2vec gives no Large speech values; wav2vec 2.0 LARGE (§4.2): 3e-4.
+  c.optim = optimizer(5e-4 if size == "base" else 3e-4)
   # Base: 400k updates (data2vec §4.2). Large: 600k updates on LV-60k (wav2vec 2.0 §4.2).
-  c.total_steps = 400_000 if size == "base" else 600_000
-  c.total_epochs = _placeholder(float)
-  # Stop (after saving) once this step is reached, without changing the schedules: for
-  # time-limited jobs that train in chunks. 0 = run to total_steps.
-  c.stop_after_steps = 0
+  run_fields(c, 400_000 if size == "base" else 600_000)
   c.data = speech_data()
   if size == "large":
     c.data.budget_samples = 153_600_000  # 128 GPUs × 1.2M samples (wav2vec 2.0 §4.2, LARGE)
-  c.num_devices = 0  # 0 = all devices on a 1-D data-parallel mesh
-  c.log_every = 100
-  c.ckpt_every = 5000
-  c.keep_checkpoints = 3
-  c.async_checkpointing = True
-  c.tensorboard = True
-  c.guard = ml_collections.ConfigDict(dict(
-      min_target_var=0.1,  # fairseq min_target_var (spec §4.1 step 8)
-      patience=3,  # consecutive logged windows below the threshold
-      start_step=0,  # fairseq arms its guard after 5000 updates; the window average is robust
+  return c
+
+
+def wav2vec2_speech(size: str) -> ml_collections.ConfigDict:
+  """wav2vec 2.0 pre-training: Base on LS-960, Large on LV-60k (wav2vec 2.0 §4.2; spec §3.5).
+
+  Where the paper is explicit it wins over fairseq's yaml (spec §3.5 notes the Large yaml's lr
+  5e-3, 1M updates and zero dropout; the paper says 3e-4, 600k updates and dropout 0.1).
+  """
+  base = size == "base"
+  c = ml_collections.ConfigDict()
+  c.modality = "speech"
+  c.objective = "wav2vec2"
+  c.model = speech_model(
+      size,
+      # Base: GroupNorm on the first conv only, no waveform normalisation (w2v2 §4.2, spec §3.5).
+      extractor_mode="default" if base else "layer_norm",
+      conv_bias=not base,  # spec §3.5
+      feature_grad_mult=0.1 if base else 1.0,  # w2v2 §4.2 (Librispeech Base), spec §3.5
+      dropout_input=0.1, dropout_features=0.1,  # w2v2 §4.2
+      final_dim=256 if base else 768,  # spec §3.5
+      latent_groups=2, latent_vars=320,  # G, V (w2v2 §4.2)
+      encoder=dict(
+          dropout=0.1, attention_dropout=0.1, activation_dropout=0.0,  # w2v2 §4.2
+          layerdrop=0.05 if base else 0.0,  # w2v2 §4.2 (no layer drop for LV-60k)
+          layer_norm_first=not base,  # Large is pre-LN (spec §3.5, §11.26)
+          pos_encoder="conv", pos_width=128, pos_depth=1, pos_groups=16,  # spec §1.3a
+      ))
+  c.masking = ml_collections.ConfigDict(dict(
+      mask_prob=0.65, mask_length=10,  # w2v2 §4.2
+      min_masks=2,  # wav2vec 2.0 (spec §2.1)
+      require_same_masks=True,
   ))
+  c.quantizer = ml_collections.ConfigDict(dict(
+      max_temp=2.0, min_temp=0.5 if base else 0.1, temp_decay=0.999995,  # w2v2 §4.2
+  ))
+  c.loss = ml_collections.ConfigDict(dict(
+      num_negatives=100,  # K distractors (w2v2 §4.2)
+      logit_temp=0.1,  # κ (w2v2 §4.2)
+      diversity_weight=0.1,  # α (w2v2 §4.2)
+      feature_pen_weight=10.0 if base else 0.0,  # spec §3.4 / §3.5 loss_weights
+  ))
+  # Base: 5e-4, 400k updates; Large LV-60k: 3e-4, 600k (w2v2 §4.2). Warm-up over the first 8 %,
+  # then linear decay to 0 (fairseq polynomial_decay, power 1; spec §7.2).
+  c.optim = optimizer(5e-4 if base else 3e-4, schedule="polynomial")
+  c.optim.warmup_percent = 0.08
+  run_fields(c, 400_000 if base else 600_000)
+  c.guard.key = "prob_ppl"  # a collapsing codebook drives it towards 1–2 (user-needs A1)
+  c.guard.min_value = 2.0
+  c.data = speech_data()
+  c.data.normalize = not base  # task.normalize: false for Base, true for Large (spec §1.1)
+  # Crops: Base 250k samples, Large 320k (spec §3.5); budgets: 64 × 1.4M / 128 × 1.2M samples.
+  c.data.max_sample_size = 250_000 if base else 320_000
+  c.data.budget_samples = 89_600_000 if base else 153_600_000
   return c
 
 
@@ -187,16 +265,18 @@ def cpu_preset(c: ml_collections.ConfigDict, total_steps: int = 300) -> None:
   # (7 convs, strides, receptive field) at a CPU-friendly cost.
   c.model.conv_channels = 64
   c.model.encoder.layerdrop = 0.0
-  c.targets.top_k = 3
+  if c.get("targets") is not None:
+    c.targets.top_k = 3
   c.data.buckets = [32000, 48000]
   c.data.budget_samples = 8 * 32000
   c.data.num_workers = 0
   c.total_steps = total_steps
-  c.ema.anneal_steps = total_steps
   c.optim.peak_lr = 1e-3
   c.log_every = 10
   c.ckpt_every = 100
   c.guard.patience = 5
+  if c.get("ema") is not None:
+    c.ema.anneal_steps = total_steps
 
 
 def test_preset(c: ml_collections.ConfigDict, total_steps: int = 8) -> None:
@@ -205,7 +285,8 @@ def test_preset(c: ml_collections.ConfigDict, total_steps: int = 8) -> None:
   c.model.conv_channels = 32
   c.model.encoder.update(dict(num_layers=2, dim=64, ffn_dim=128, num_heads=2, pos_width=15,
                               pos_depth=3, pos_groups=4))
-  c.targets.top_k = 2
+  if c.get("targets") is not None:
+    c.targets.top_k = 2
   c.data.update(dict(buckets=[16000], min_sample_size=16000, budget_samples=4 * 16000))
   c.log_every = 1
   c.ckpt_every = 4

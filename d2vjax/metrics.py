@@ -402,8 +402,8 @@ class CollapseGuard:
     self.count += 1
     if self.count != self.patience:
       return None
-    what = {"target_var": "teacher targets (EMA model)", "pred_var": "student predictions"}.get(
-        self.key, self.key)
+    what = {"target_var": "teacher targets (EMA model)", "pred_var": "student predictions",
+            "prob_ppl": "quantizer codebook usage (Gumbel softmax)"}.get(self.key, self.key)
     return (
         f"Collapse at step {step}: {self.key}={value:.4g} stayed below the threshold "
         f"{self.threshold:g} for {self.patience} consecutive logged windows; the {what} have "
@@ -411,7 +411,7 @@ class CollapseGuard:
         f"(optim.peak_lr), raise the EMA decay or lengthen its anneal (ema.decay, ema.end_decay, "
         f"ema.anneal_steps), check masking (masking.mask_prob, masking.mask_length; is anything "
         f"masked?) and the precision of the teacher (fp32 EMA). The guard itself: "
-        f"guard.min_target_var (<= 0 disables), guard.patience, guard.start_step.")
+        f"guard.key, guard.min_value (<= 0 disables), guard.patience, guard.start_step.")
 
 
 class NonFiniteCounter:

@@ -36,7 +36,8 @@ def make_train_step(objective, tx: optax.GradientTransformation, lr_fn: Callable
   def step(state, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state["step"])
     grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
-    (loss, metrics), grads = grad_fn(state["params"], state["teacher"], batch, rng)
+    (loss, metrics), grads = grad_fn(state["params"], state["teacher"], batch, rng,
+                                     step=state["step"])
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

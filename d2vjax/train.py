@@ -71,8 +71,11 @@ def run(config, workdir: str) -> int:
         f"{steps_per_epoch} steps per epoch", flush=True)
   total_steps = configs_lib.resolve_steps(config, "total", steps_per_epoch=steps_per_epoch,
                                           total_steps=None)
-  ema_cfg = EmaSchedule(config.ema.decay, config.ema.end_decay, configs_lib.resolve_steps(
-      config.ema, "anneal", steps_per_epoch=steps_per_epoch, total_steps=total_steps))
+  if objective.ema_scope:
+    ema_cfg = EmaSchedule(config.ema.decay, config.ema.end_decay, configs_lib.resolve_steps(
+        config.ema, "anneal", steps_per_epoch=steps_per_epoch, total_steps=total_steps))
+  else:  # no teacher (wav2vec 2.0): a frozen, empty EMA
+    ema_cfg = EmaSchedule(1.0, 1.0, 0)
   warmup = configs_lib.resolve_steps(config.optim, "warmup", steps_per_epoch=steps_per_epoch,
                                      total_steps=total_steps, default=0)
 
@@ -116,7 +119,8 @@ def run(config, workdir: str) -> int:
   writer.write_text(start_step, "config", config.to_json_best_effort())
   buffer = metrics_lib.MetricBuffer()
   progress = metrics_lib.Progress(total_steps, unit=modality.unit, start_step=start_step)
-  guard = metrics_lib.CollapseGuard(config.guard.min_target_var, config.guard.patience)
+  guard = metrics_lib.CollapseGuard(config.guard.min_value, config.guard.patience,
+                                    key=config.guard.key)
   nonfinite = metrics_lib.NonFiniteCounter()
   bad_counts: dict[str, int] = dict(skipped)
   preemption = checkpointing.PreemptionHandler().install()

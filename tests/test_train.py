@@ -202,7 +202,7 @@ def test_collapse_guard_stops_and_saves(tmp_path):
   with exit code 3, a message naming the knobs, and a checkpoint of what was trained."""
   c = _test_config(steps=50)
   c.num_devices = 1
-  c.guard.min_target_var = 100.0
+  c.guard.min_value = 100.0
   c.guard.patience = 2
   workdir = str(tmp_path / "run")
   assert train.run(c, workdir) == train.EXIT_COLLAPSED

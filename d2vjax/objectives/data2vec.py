@@ -111,8 +111,11 @@ class Data2Vec:
                              method="contextualize", rngs=rngs)
     return x, lr, f["padding_mask"]
 
-  def loss(self, params: dict, teacher: dict, batch: dict, rng: jax.Array, train: bool = True):
-    """Scalar loss (sum over masked positions / their count) and a metrics dict."""
+  def loss(self, params: dict, teacher: dict, batch: dict, rng: jax.Array, train: bool = True,
+           step: Any = 0):
+    """Scalar loss (sum over masked positions / their count) and a metrics dict. ``step`` (updates
+    completed) is unused: data2vec's schedules live in the step and the EMA."""
+    del step
     cfg = self.config
     rngs = {"dropout": rng}
     mod = self.modality
