@@ -88,6 +88,12 @@ def tiny_config(num_layers=3):
   return c
 
 
+def _zero_batch(b, s):
+  """All-zero pre-training batch (audio, padding_mask, mask) of b rows × s samples."""
+  return {"audio": np.zeros((b, s), np.float32), "padding_mask": np.zeros((b, s), bool),
+          "mask": np.zeros((b, audio.num_frames(s)), bool)}
+
+
 def tree_np(tree):
   return jax.tree.map(lambda a: np.array(a), tree)
 
@@ -258,7 +264,7 @@ def _teacher_student():
   """Random student params and a random (different) fp32 teacher for the tiny objective."""
   rng = np.random.default_rng(6)
   obj = registry.get("objective", "data2vec")(tiny_config(num_layers=2))
-  shapes = jax.eval_shape(obj.init, jax.random.key(0), Speech.dummy_batch(1, 16000))
+  shapes = jax.eval_shape(obj.init, jax.random.key(0), _zero_batch(1, 16000))
   student = random_params(shapes, rng)
   teacher = random_params(jax.eval_shape(obj.init_teacher, shapes), rng)
   return obj, student, teacher
