@@ -169,7 +169,10 @@ class WeightNormPosConv(nn.Module):
   depth: int = 1
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, padding_mask=None):
+    """x ``[B, T, D]`` (padded frames already zero); padding_mask bool ``[B, T]`` (unused: one
+    conv over zeroed padding is padding-invariant)."""
+    del padding_mask
     k, d, g = self.width, self.dim, self.groups
     std = (4.0 / (k * d)) ** 0.5
     v = self.param("weight_v", nn.initializers.normal(std), (k, d // g, d), jnp.float32)
@@ -193,10 +196,18 @@ class PosConvStack(nn.Module):
   depth: int = 5
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, padding_mask=None):
+    """x ``[B, T, D]``; padding_mask bool ``[B, T]`` (True = pad) → ``[B, T, D]``.
+
+    Padded frames are re-zeroed before every block: bias → LN → GELU make them non-zero again, and
+    the next conv would carry that into the last valid frames (fairseq never pads in pre-training,
+    so it does not need this; fine-tuning and padded batches do).
+    """
     k = max(3, self.width // self.depth)
     fan_in = (self.dim // self.groups) * k
     for j in range(self.depth):
+      if padding_mask is not None:
+        x = jnp.where(padding_mask[..., None], 0, x)
       kernel = self.param(f"conv_{j}_kernel", layers.torch_default_kernel,
                           (k, self.dim // self.groups, self.dim), jnp.float32)
       bias = self.param(f"conv_{j}_bias", layers.torch_default_bias(fan_in), (self.dim,),

@@ -52,8 +52,11 @@ class LayerNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    # Two-pass variance: E[x²]−E[x]² loses precision for inputs with a large mean (PyTorch's
+    # fp32 layer norm, which fairseq uses, does not).
     y = nn.LayerNorm(epsilon=self.eps, use_bias=self.affine, use_scale=self.affine,
-                     dtype=jnp.float32, param_dtype=jnp.float32, name="norm")(x.astype(jnp.float32))
+                     use_fast_variance=False, dtype=jnp.float32, param_dtype=jnp.float32,
+                     name="norm")(x.astype(jnp.float32))
     return y.astype(x.dtype)
 
 

@@ -184,7 +184,8 @@ class TransformerEncoder(nn.Module):
     x = jnp.where(padding_mask[..., None], 0, x).astype(dtype)
     if cfg.pos_encoder != "none":
       pos_cls = registry.get("pos_encoder", cfg.pos_encoder)
-      x = x + pos_cls(cfg.dim, cfg.pos_width, cfg.pos_groups, cfg.pos_depth, name="pos_conv")(x)
+      pos = pos_cls(cfg.dim, cfg.pos_width, cfg.pos_groups, cfg.pos_depth, name="pos_conv")
+      x = x + pos(x, padding_mask)
     if not cfg.layer_norm_first and cfg.input_layer_norm:
       x = layers.LayerNorm(cfg.norm_eps, name="layer_norm")(x)
     x = nn.Dropout(cfg.dropout)(x, deterministic=not train)

@@ -68,6 +68,14 @@ def contrastive_logits(c: jax.Array, q: jax.Array, codes: jax.Array, neg_idx: ja
   return jnp.concatenate([pos, neg], axis=-1) / logit_temp
 
 
+def total_loss_sum(ce_sum, count, diversity, feature_pen, loss_cfg):
+  """Summed objective: ``CE_sum + (α·diversity + λ·feature_pen) · count``. fairseq multiplies the
+  extra terms by the sample size before the trainer's global division (spec §3.4, §11.19), so
+  after dividing by the masked count they weigh α and λ whatever the count is."""
+  extra = loss_cfg.diversity_weight * diversity + loss_cfg.feature_pen_weight * feature_pen
+  return ce_sum + extra * count
+
+
 class Wav2Vec2Model(nn.Module):
   """Params: ``frontend``, ``encoder``, ``mask_emb``, ``quantizer``, ``project_q``, ``final_proj``."""
   frontend: nn.Module
@@ -175,10 +183,7 @@ class Wav2Vec2:
     gv = cfg.model.latent_groups * cfg.model.latent_vars
     diversity = (gv - out["prob_ppl"]) / gv
     feature_pen = jnp.mean(jnp.square(out["cnn"].astype(jnp.float32)))
-    # fairseq multiplies the extra terms by the sample size before the global division (§11.19).
-    loss_sum = (ce_sum + cfg.loss.diversity_weight * diversity * count
-                + cfg.loss.feature_pen_weight * feature_pen * count)
-    loss = loss_sum / jnp.maximum(count, 1.0)
+    loss = total_loss_sum(ce_sum, count, diversity, feature_pen, cfg.loss) / jnp.maximum(count, 1.0)
     best = jnp.argmax(logits, axis=-1) == 0
     worst = jnp.argmin(logits, axis=-1) == 0
     accuracy = jnp.sum((best & ~worst) * wf) / jnp.maximum(count, 1.0)
