@@ -182,3 +182,27 @@ def test_codebook_and_weight_proj_get_gradients_and_init_loss_is_log_101():
   assert abs(float(m["loss_contrastive"]) - math.log(101)) < 0.3
   assert float(m["accuracy"]) < 0.1
   assert float(m["temp"]) == pytest.approx(2.0)
+
+
+def test_contrastive_task_is_learnable_on_a_fixed_batch():
+  """Reliability check (user-needs A1 ii): on one fixed batch without dropout the contrastive
+  loss falls far below chance (log 101 ≈ 4.62) and the codebook stays in use (prob ppl ≫ 2)."""
+  from d2vjax import optim, step as step_lib
+  c, _ = _objective()
+  c.model.encoder.update(dict(dropout=0.0, attention_dropout=0.0))
+  c.model.update(dict(dropout_input=0.0, dropout_features=0.0))
+  obj = registry.get("objective", "wav2vec2")(c)
+  batch = _batch(c, b=4, seed=3)
+  lr_fn = optim.make_schedule(c.optim, 100, 5)
+  tx = optim.make_optimizer(c.optim, lr_fn,
+                            jax.eval_shape(obj.init, jax.random.key(0), batch), obj.frozen)
+  state = jax.jit(lambda r: step_lib.init_state(obj, tx, r, batch))(jax.random.key(0))
+  no_ema = type("NoEma", (), dict(decay=1.0, end_decay=1.0, anneal_steps=0))
+  step = jax.jit(step_lib.make_train_step(obj, tx, lr_fn, no_ema, 0), donate_argnums=0)
+  first = None
+  for _ in range(60):
+    state, m = step(state, batch)
+    first = first if first is not None else float(m["loss_contrastive"])
+  assert abs(first - math.log(101)) < 0.3
+  assert float(m["loss_contrastive"]) < 0.5 * first
+  assert float(m["prob_ppl"]) > 10
