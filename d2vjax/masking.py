@@ -83,3 +83,106 @@ def span_mask(rng: np.random.Generator, lengths, num_frames: int, *, mask_prob: 
   for i, r in enumerate(rows):
     mask[i, r] = True
   return mask
+
+
+# ---- text (BERT and span masking)
+# Token-level masks for data2vec 1.0 text (fairseq MaskTokensDataset, fairseq-spec §2.3; data2vec
+# §4.3). They return the corrupted ids as well as the loss mask, both with the input's fixed shape.
+
+
+def _row_choice(rng: np.random.Generator, candidates: np.ndarray, rate: float) -> np.ndarray:
+  """fairseq's count ``floor(rate · n + u)`` (probabilistic rounding) of distinct picks from
+  ``candidates`` (n of them), uniformly without replacement."""
+  n = candidates.size
+  num = min(n, int(rate * n + rng.random()))
+  return rng.choice(candidates, num, replace=False) if num else candidates[:0]
+
+
+def bert_mask(rng: np.random.Generator, tokens, padding_mask, *, mask_prob: float = 0.15,
+              mask_token_id: int, vocab_size: int, special_ids, leave_unmasked_prob: float = 0.1,
+              random_token_prob: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+  """BERT / RoBERTa masking (data2vec §4.3: 15 % of the tokens, 80 % ``<mask>``, 10 % random,
+  10 % unchanged), with fairseq MaskTokensDataset's draws (spec §2.3).
+
+  Per row: ``num = floor(mask_prob · n + u)`` positions are chosen without replacement among the
+  n candidates (not padding, not a special id: BOS/EOS/pad/unk/mask are never chosen, as in BERT;
+  fairseq would also pick ``<s>``/``</s>``). Each chosen position is, with probability
+  ``leave_unmasked_prob + random_token_prob``, either left unchanged or (in the ratio of the two
+  probabilities) replaced by a uniformly drawn regular (non-special) id; otherwise by
+  ``mask_token_id``. Every chosen position is in the loss, as in BERT (fairseq's data2vec model
+  would find only the ``<mask>`` ones, ``src == <mask>``; its span config never leaves any out).
+
+  Args:
+    rng: the only source of randomness.
+    tokens: int ``[B, T]``; padding_mask: bool ``[B, T]`` (True = pad).
+    mask_prob: share of candidate tokens chosen (0.15).
+    mask_token_id: id of ``<mask>``; vocab_size: ids are ``[0, vocab_size)``.
+    special_ids: ids never chosen and never drawn as random replacements.
+    leave_unmasked_prob, random_token_prob: shares of the chosen positions (0.1 each).
+  Returns:
+    ``(masked_tokens int32 [B, T], mask bool [B, T])``.
+  """
+  tokens = np.asarray(tokens)
+  pad = np.asarray(padding_mask, bool)
+  special = np.asarray(sorted(set(int(s) for s in special_ids)), np.int64)
+  regular = np.setdiff1d(np.arange(int(vocab_size)), special)
+  cand = ~pad & ~np.isin(tokens, special)
+  chosen = np.zeros(tokens.shape, bool)
+  for r in range(tokens.shape[0]):
+    chosen[r, _row_choice(rng, np.flatnonzero(cand[r]), mask_prob)] = True
+  out = tokens.astype(np.int32, copy=True)
+  rand_or_unmask_prob = leave_unmasked_prob + random_token_prob
+  unmask = rand = np.zeros(tokens.shape, bool)
+  if rand_or_unmask_prob > 0:
+    rand_or_unmask = chosen & (rng.random(tokens.shape) < rand_or_unmask_prob)
+    if random_token_prob == 0:
+      unmask = rand_or_unmask
+    elif leave_unmasked_prob == 0:
+      rand = rand_or_unmask
+    else:
+      decision = rng.random(tokens.shape) < leave_unmasked_prob / rand_or_unmask_prob
+      unmask, rand = rand_or_unmask & decision, rand_or_unmask & ~decision
+  out[chosen & ~unmask & ~rand] = mask_token_id
+  if rand.any():
+    out[rand] = rng.choice(regular, int(rand.sum()))
+  return out, chosen
+
+
+def span_text_mask(rng: np.random.Generator, tokens, padding_mask, *, mask_prob: float = 0.35,
+                   span_length: int = 4, mask_token_id: int, special_ids=(),
+                   mask_special: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """Span masking of token ids, fairseq MaskTokensDataset with ``mask_multiple_length`` (spec §2.3;
+  data2vec §4.3 "wav2vec 2.0 masking": spans of 4, mask_prob 0.35, nothing left unmasked).
+
+  Per row with ``sz`` valid (non-pad) positions: ``num = floor(mask_prob · sz / span_length + u)``
+  distinct starts uniformly from ``[0, sz)``; each masks ``span_length`` positions, indices past
+  the row's end are dropped and overlaps merge (so fewer than ``mask_prob`` of the ids end up
+  masked). Every masked position becomes ``mask_token_id``. With ``mask_special`` (fairseq) the
+  spans also cover ``<s>``/``</s>``; with False, special ids are taken out of the mask afterwards.
+
+  Args:
+    tokens: int ``[B, T]``; padding_mask: bool ``[B, T]`` (True = pad, never masked).
+  Returns:
+    ``(masked_tokens int32 [B, T], mask bool [B, T])``.
+  """
+  if span_length < 1:
+    raise ValueError(f"span_text_mask: span_length must be >= 1, got {span_length}")
+  tokens = np.asarray(tokens)
+  pad = np.asarray(padding_mask, bool)
+  mask = np.zeros(tokens.shape, bool)
+  for r in range(tokens.shape[0]):
+    valid = np.flatnonzero(~pad[r])
+    sz = valid.size
+    if sz == 0:
+      continue
+    num = min(sz, int(mask_prob * sz / float(span_length) + rng.random()))
+    starts = rng.choice(sz, num, replace=False)
+    idx = (starts[:, None] + np.arange(span_length)[None, :]).reshape(-1)
+    mask[r, valid[idx[idx < sz]]] = True
+  if not mask_special:
+    mask &= ~np.isin(tokens, np.asarray(list(special_ids), np.int64))
+  out = np.where(mask, mask_token_id, tokens).astype(np.int32)
+  return out, mask
+
+
+__all__ += ["bert_mask", "span_text_mask"]
