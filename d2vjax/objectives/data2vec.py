@@ -38,18 +38,25 @@ class RegressionHead(nn.Module):
 
 
 class Data2VecModel(nn.Module):
-  """Student/teacher network. Params: ``frontend``, ``encoder``, ``head``, ``mask_emb`` (D,)."""
+  """Student/teacher network. Params: ``frontend``, ``encoder``, ``head``, ``mask_emb`` (D,; absent
+  when ``mask_emb_init`` is 'none')."""
   frontend: nn.Module
   encoder: nn.Module
   head: nn.Module
   dim: int
   dropout_input: float = 0.0
-  mask_emb_init: str = "uniform"  # U[0,1) (wav2vec2/data2vec audio) | 'trunc_normal' σ 0.02 (BEiT)
+  # U[0,1) (wav2vec2/data2vec audio) | 'trunc_normal' σ 0.02 (BEiT) | 'none' (no mask_emb; set by
+  # Data2Vec for modalities without feature masking).
+  mask_emb_init: str = "uniform"
 
   def setup(self):
-    init = {"uniform": layers.uniform01,
-            "trunc_normal": nn.initializers.truncated_normal(0.02)}[self.mask_emb_init]
-    self.mask_emb = self.param("mask_emb", init, (self.dim,), jnp.float32)
+    if self.mask_emb_init == "none":
+      # Input-masking modalities (text) corrupt their ids in the data; no learned vector exists.
+      self.mask_emb = None
+    else:
+      init = {"uniform": layers.uniform01,
+              "trunc_normal": nn.initializers.truncated_normal(0.02)}[self.mask_emb_init]
+      self.mask_emb = self.param("mask_emb", init, (self.dim,), jnp.float32)
     self.input_dropout = nn.Dropout(self.dropout_input)
 
   def features(self, inputs: dict, train: bool = False) -> dict:
@@ -63,7 +70,8 @@ class Data2VecModel(nn.Module):
   def student(self, feats, mask, padding_mask, train: bool = True):
     """Dropout → replace masked positions by ``mask_emb`` → Transformer → head. ``[B, T, D]``."""
     x = self.input_dropout(feats, deterministic=not train)
-    x = jnp.where(mask[..., None], self.mask_emb.astype(x.dtype), x)
+    if self.mask_emb is not None:
+      x = jnp.where(mask[..., None], self.mask_emb.astype(x.dtype), x)
     x, _ = self.encoder(x, padding_mask, train)
     return self.head(x)
 
@@ -89,7 +97,8 @@ class Data2Vec:
         encoder=transformer.TransformerEncoder(self.encoder_cfg),
         head=RegressionHead(self.encoder_cfg.dim, m.head_layers, dtype),
         dim=self.encoder_cfg.dim, dropout_input=m.dropout_input,
-        mask_emb_init=m.get("mask_emb_init", "uniform"))
+        mask_emb_init=(m.get("mask_emb_init", "uniform") if self.modality.feature_masking
+                       else "none"))
     self.ema_scope = tuple(config.ema.scope)
     self.ema_copy = tuple(config.ema.copy)
     self.frozen = tuple(self.modality.frozen_patterns(m))
@@ -130,13 +139,16 @@ class Data2Vec:
     # Teacher: EMA'd subtrees over the student's remainder, eval mode, unmasked input.
     t_params = {**params, **teacher}
     if mod.feature_masking:
-      t_feats = jax.lax.stop_gradient(feats)
+      t_feats, t_pad = jax.lax.stop_gradient(feats), pad
     else:
-      t_feats = self.model.apply({"params": t_params}, mod.teacher_inputs(batch), False,
-                                 method="features")["features"]
-    _, layer_results = self.model.apply({"params": t_params}, jax.lax.stop_gradient(t_feats), pad,
-                                        False, method="contextualize")
-    y = targets.build_targets(jax.lax.stop_gradient(layer_results), pad, top_k=cfg.targets.top_k,
+      # The teacher embeds its own inputs; its padding is what its frontend reports (the
+      # student's, unless the modality gives the teacher another view of the sequence).
+      t = self.model.apply({"params": t_params}, mod.teacher_inputs(batch), False,
+                           method="features")
+      t_feats, t_pad = t["features"], t["padding_mask"]
+    _, layer_results = self.model.apply({"params": t_params}, jax.lax.stop_gradient(t_feats),
+                                        t_pad, False, method="contextualize")
+    y = targets.build_targets(jax.lax.stop_gradient(layer_results), t_pad, top_k=cfg.targets.top_k,
                               layer_norm_type=cfg.targets.layer_norm,
                               final_norm_type=cfg.targets.final_norm, eps=cfg.targets.eps)
     weights = batch["mask"] & ~pad
