@@ -48,7 +48,8 @@ def tri_stage(peak: float, total_steps: int, phase_ratio=(0.03, 0.9, 0.07), init
 
 def cosine(peak: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0,
            warmup_init_lr: float = 0.0) -> Callable:
-  """fairseq cosine: linear warm-up to ``peak``, then half a cosine period down to ``min_lr``."""
+  """fairseq cosine: linear warm-up to ``peak``, then half a cosine period down to ``min_lr``
+  (config ``optim.min_lr``, default 0; BEiT's scheduler ends at 1e-5)."""
 
   def fn(n):
     n = jnp.asarray(n, jnp.float32)
@@ -78,7 +79,8 @@ def make_schedule(cfg, total_steps: int, warmup_steps: int) -> Callable:
   builders = {
       "tri_stage": lambda: tri_stage(cfg.peak_lr, total_steps, tuple(cfg.phase_ratio),
                                      cfg.init_lr_scale, cfg.final_lr_scale, cfg.decay_shape),
-      "cosine": lambda: cosine(cfg.peak_lr, total_steps, warmup_steps),
+      "cosine": lambda: cosine(cfg.peak_lr, total_steps, warmup_steps,
+                               min_lr=float(cfg.get("min_lr", 0.0) or 0.0)),
       "polynomial": lambda: polynomial(cfg.peak_lr, total_steps, warmup_steps),
       "constant": lambda: (lambda n: jnp.full((), cfg.peak_lr, jnp.float32)),
   }
@@ -97,13 +99,19 @@ def make_optimizer(cfg, lr_fn: Callable, params, frozen: Sequence[str] = ()):
   """optax chain: global-norm clipping (``clip_norm`` > 0) → AdamW(b1, b2, eps, weight_decay).
 
   Leaves whose path matches a ``frozen`` regex get no update and no weight decay (fairseq skips
-  parameters without gradients, e.g. the CNN when ``feature_grad_mult`` is 0).
+  parameters without gradients, e.g. the CNN when ``feature_grad_mult`` is 0). Leaves whose path
+  matches a ``cfg.no_decay`` regex (optional; fairseq decays everything, BEiT exempts biases,
+  norms, layer-scale gains and the CLS token) get the Adam update without weight decay.
   """
   chain = []
   if cfg.clip_norm > 0:
     chain.append(optax.clip_by_global_norm(cfg.clip_norm))
+  no_decay = [re.compile(p) for p in (cfg.get("no_decay", ()) or ())]
+  # A callable, so it sees the same (possibly frozen-masked) tree the inner transform gets.
+  decay_mask = None if not no_decay else (lambda p: jax.tree_util.tree_map_with_path(
+      lambda path, _: not any(r.fullmatch(path_str(path)) for r in no_decay), p))
   chain.append(optax.adamw(lr_fn, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay))
+                           weight_decay=cfg.weight_decay, mask=decay_mask))
   tx = optax.chain(*chain)
   if frozen:
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
