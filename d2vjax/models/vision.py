@@ -142,10 +142,16 @@ class PatchEmbed(nn.Module):
 
 
 class ImageFrontend(nn.Module):
-  """The data2vec vision feature encoder: patch embedding, then the learned CLS token in front.
+  """The data2vec vision feature encoder: patch embedding, BEiT's mask token on the masked
+  patches, then the learned CLS token in front. No absolute positions: the recipe uses the shared
+  relative bias (``--abs_pos_emb`` off).
 
-  No absolute positions: the recipe uses the shared relative bias (``--abs_pos_emb`` off).
-  Call: ``inputs['image']`` float32 ``[B, H, W, 3]`` (normalised) → ``{'features': [B, 1+N, D],
+  The mask token lives here, as in BEiT, so that the student's masking happens inside the
+  frontend (the student's inputs carry ``mask``, the teacher's do not) and the teacher can be an
+  EMA of the whole network that re-embeds the clean image (``modalities.vision``).
+
+  Call: ``inputs['image']`` float32 ``[B, H, W, 3]`` (normalised), optional ``inputs['mask']``
+  bool ``[B, 1+N]`` (column 0 = CLS, never replaced) → ``{'features': [B, 1+N, D],
   'padding_mask': bool zeros [B, 1+N]}`` with ``N = (H/p)·(W/p)``.
   """
   dim: int
@@ -156,7 +162,14 @@ class ImageFrontend(nn.Module):
   def __call__(self, inputs: dict, train: bool = False) -> dict:
     del train  # no dropout here: BEiT's pos_drop rate is 0 in the recipe
     x = PatchEmbed(self.dim, self.patch_size, self.dtype, name="patch_embed")(inputs["image"])
+    mask_token = self.param("mask_token", TRUNC_INIT, (self.dim,), jnp.float32)
     cls = self.param("cls_token", TRUNC_INIT, (self.dim,), jnp.float32)
+    mask = inputs.get("mask")
+    if mask is not None:
+      if mask.shape != (x.shape[0], x.shape[1] + 1):
+        raise ValueError(f"mask must be [B, 1+N] = {(x.shape[0], x.shape[1] + 1)}, got "
+                         f"{mask.shape}")
+      x = jnp.where(mask[:, 1:, None], mask_token.astype(x.dtype), x)
     b = x.shape[0]
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.dim)), x], axis=1)
     return {"features": x, "padding_mask": jnp.zeros(x.shape[:2], bool)}
