@@ -95,7 +95,8 @@ def data2vec_vision(size: str) -> ml_collections.ConfigDict:
       num_masking_patches=120,  # README --num_mask_patches (of 196; paper: 60 %)
       min_num_patches=16,  # README --min_mask_patches_per_block (paper: blocks >= 16 patches)
       max_num_patches=196,  # README --max_mask_patches_per_block
-      min_aspect=0.3, max_aspect=config_dict.placeholder(float),  # BEiT MaskingGenerator: 0.3, 1/0.3
+      # BEiT MaskingGenerator: aspect 0.3 … 1/0.3 (max_aspect None → 1/min_aspect)
+      min_aspect=0.3, max_aspect=config_dict.placeholder(float),
   ))
   c.targets = ml_collections.ConfigDict(dict(
       top_k=6,  # README --target_layers [6..11] / [18..23]: the top 6 blocks (paper: K = 6)
@@ -124,7 +125,8 @@ def data2vec_vision(size: str) -> ml_collections.ConfigDict:
   ))
   c.optim = configs_lib.optimizer(
       s["lr"],  # README --lr
-      b1=0.9, b2=0.999, eps=1e-8,  # run_cyclical: adamw, --opt_betas None → (0.9, 0.999), --opt_eps 1e-8
+      # run_cyclical: adamw with --opt_betas None → torch's (0.9, 0.999), --opt_eps 1e-8
+      b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=0.05,  # README --weight_decay (constant: --weight_decay_end None)
       clip_norm=3.0,  # README --clip_grad
       schedule="cosine", min_lr=1e-5,  # run_cyclical: utils.cosine_scheduler to --min_lr 1e-5

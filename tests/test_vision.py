@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from d2vjax import checkpointing, configs_vision, export, masking, registry, train
+from d2vjax import checkpointing, configs_vision, ema, export, masking, optim, registry, train
 from d2vjax.models import vision
 from d2vjax.objectives import losses, targets
 
@@ -318,6 +318,28 @@ def test_loss_wiring_matches_numpy():
   np.testing.assert_allclose(float(loss), ref, rtol=1e-4)
   assert float(metrics["masked_count"]) == 2 * c.masking.num_masking_patches
   assert not batch["mask"][:, 0].any()
+
+
+def test_beit_weight_decay_exemptions_and_cosine_floor():
+  """BEiT's optim_factory: no decay for 1-D params and biases (LN, γ, q/v biases) and the CLS
+  token; the mask token, bias table and kernels are decayed. The cosine ends at min_lr 1e-5."""
+  c, obj, params = _test_model()
+  ones = jax.tree.map(jnp.ones_like, params)  # zero gradients: the update is -lr·wd·p or 0
+  lr = 0.5
+  tx = optim.make_optimizer(c.optim, lambda n: lr, ones, obj.frozen)
+  upd, _ = tx.update(jax.tree.map(jnp.zeros_like, ones), tx.init(ones), ones)
+  step = {ema.path_str(k): float(np.asarray(u).reshape(-1)[0])
+          for k, u in jax.tree_util.tree_flatten_with_path(upd)[0]}
+  decayed = {k for k, u in step.items() if u == pytest.approx(-lr * c.optim.weight_decay)}
+  assert decayed | {k for k, u in step.items() if u == 0.0} == set(step)
+  assert decayed == {
+      "frontend/mask_token", "frontend/patch_embed/proj/kernel", "head/proj/kernel",
+      "encoder/attn_bias/relative_position_bias_table", "encoder/layers/fc1/kernel",
+      "encoder/layers/fc2/kernel"} | {f"encoder/layers/self_attn/{n}/kernel" for n in (
+          "q_proj", "k_proj", "v_proj", "out_proj")}
+  lr_fn = optim.make_schedule(c.optim, 100, 10)
+  assert float(lr_fn(0)) == 0.0 and float(lr_fn(10)) == pytest.approx(c.optim.peak_lr)
+  assert float(lr_fn(100)) == pytest.approx(1e-5)
 
 
 # ----------------------------------------------------------------------------- end to end

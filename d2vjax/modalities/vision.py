@@ -26,10 +26,10 @@ def _beit_layer_init(layer: dict, layer_ids) -> dict:
   samples), then ``fix_init_weight``: attention out-proj and fc2 divided by sqrt(2·layer_id)."""
   layer = dict(layer)
   attn = dict(layer["self_attn"])
+  trunc = lambda sub: {**sub, "kernel": vision.to_trunc_normal(sub["kernel"], "normal")}
   for name in _ATTN:
-    attn[name] = {**attn[name], "kernel": vision.to_trunc_normal(attn[name]["kernel"], "normal")}
-  layer["fc1"] = {**layer["fc1"], "kernel": vision.to_trunc_normal(layer["fc1"]["kernel"], "normal")}
-  layer["fc2"] = {**layer["fc2"], "kernel": vision.to_trunc_normal(layer["fc2"]["kernel"], "normal")}
+    attn[name] = trunc(attn[name])
+  layer["fc1"], layer["fc2"] = trunc(layer["fc1"]), trunc(layer["fc2"])
   # layer_ids: an int (unrolled layer) or an int array [L] (scanned stack, axis 0).
   ids = jnp.asarray(layer_ids, jnp.float32)
   scale = lambda k: k / jnp.sqrt(2.0 * ids).reshape(ids.shape + (1,) * (k.ndim - ids.ndim))
