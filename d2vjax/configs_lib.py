@@ -122,7 +122,14 @@ def run_fields(c: ml_collections.ConfigDict, total_steps: int) -> None:
   # Stop (after saving) once this step is reached, without changing the schedules: for
   # time-limited jobs that train in chunks. 0 = run to total_steps.
   c.stop_after_steps = 0
-  c.num_devices = 0  # 0 = all devices on a 1-D data-parallel mesh
+  c.num_devices = 0  # 0 = all visible devices (a smaller number only for tests/debugging)
+  # Mesh axes (name, size), one size -1 = the rest. The batch is split over data × fsdp; params,
+  # optimizer state and teacher are sharded over fsdp by `sharding_rules` (jax-style §4).
+  c.mesh = (("data", -1), ("fsdp", 1))
+  c.sharding_rules = ((".*", "fsdp"),)  # (path regex, 'fsdp' | 'replicate'), first match wins
+  # Gradient accumulation: micro-batches per update inside the jitted step; the loss is
+  # normalised once by the global count, so k × b rows equal one batch of k·b (spec §7.3).
+  c.accum_steps = 1
   c.log_every = 100
   c.ckpt_every = 5000
   c.keep_checkpoints = 3

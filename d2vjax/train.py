@@ -17,10 +17,9 @@ from absl import app, flags, logging
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
-import numpy as np
 
-from d2vjax import checkpointing, configs_lib, export, metrics as metrics_lib, optim, registry
-from d2vjax import step as step_lib
+from d2vjax import checkpointing, configs_lib, distributed, export, metrics as metrics_lib, optim
+from d2vjax import registry, sharding, step as step_lib
 
 # Exit codes of `run` (0 = finished or preempted-and-saved).
 EXIT_COLLAPSED = 3
@@ -54,17 +53,20 @@ def run(config, workdir: str) -> int:
   n_dev = config.num_devices or len(devices)
   if n_dev > len(devices):
     raise ValueError(f"num_devices={n_dev} but only {len(devices)} devices are visible")
-  mesh = jax.sharding.Mesh(np.asarray(devices[:n_dev]), ("data",))
+  mesh = sharding.make_mesh(config.mesh, devices[:n_dev])
   replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
+  batch_sharding = sharding.batch_sharding(mesh)
+  # Every micro-batch must split evenly over the data-parallel devices.
+  row_multiple = sharding.batch_size_multiple(mesh) * config.accum_steps
   process_index, process_count = jax.process_index(), jax.process_count()
+  print(f"mesh {dict(mesh.shape)} over {n_dev} devices, {process_count} process(es)", flush=True)
 
   # ------------------------------------------------------------------ data (host, NumPy)
   objective = registry.get("objective", config.objective)(config)
   modality = objective.modality
   examples, skipped = modality.examples(config.data, "train")
   logging.info("train examples: %d (skipped at scan: %s)", len(examples), skipped)
-  plan = modality.batch_plan(config.data, examples, n_dev)
+  plan = modality.batch_plan(config.data, examples, row_multiple)
   steps_per_epoch = plan.total_batches
   shapes = sorted(plan.shapes())
   print(f"batch shapes (rows, samples): {shapes} — {len(shapes)} compiled step programs at most; "
@@ -87,7 +89,7 @@ def run(config, workdir: str) -> int:
   tx = optim.make_optimizer(config.optim, lr_fn, params_shape, objective.frozen)
   init_fn = lambda r: step_lib.init_state(objective, tx, r, dummy)
   state_shape = jax.eval_shape(init_fn, rng)
-  state_sharding = jax.tree.map(lambda _: replicated, state_shape)
+  state_sharding = sharding.state_shardings(state_shape, mesh, config.sharding_rules)
   rows, total_params = metrics_lib.parameter_table(state_shape["params"])
   print(metrics_lib.format_parameter_table(rows, total_params), flush=True)
 
@@ -96,7 +98,7 @@ def run(config, workdir: str) -> int:
       os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
       save_interval_steps=config.ckpt_every, async_save=config.async_checkpointing)
   data_iter = modality.make_iterator(
-      config.data, examples=examples, seed=config.data.seed, batch_multiple=n_dev,
+      config.data, examples=examples, seed=config.data.seed, batch_multiple=row_multiple,
       process_index=process_index, process_count=process_count,
       batch_fn=modality.mask_fn(config.masking))
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -110,8 +112,9 @@ def run(config, workdir: str) -> int:
     start_step = 0
 
   # ------------------------------------------------------------------ jitted step
-  train_step = jax.jit(step_lib.make_train_step(objective, tx, lr_fn, ema_cfg, config.seed),
-                       in_shardings=(state_sharding, batch_sharding),
+  step_fn = step_lib.make_train_step(objective, tx, lr_fn, ema_cfg, config.seed,
+                                     config.accum_steps)
+  train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
   # ------------------------------------------------------------------ loop
@@ -133,8 +136,7 @@ def run(config, workdir: str) -> int:
       for reason, n in meta.get("_bad", {}).items():
         bad_counts[reason] = bad_counts.get(reason, 0) + int(n)
       units = modality.batch_units(host) * process_count
-      batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
-               for k, v in host.items()}
+      batch = sharding.global_batch(host, batch_sharding)
       t0 = time.perf_counter()
       state, step_metrics = train_step(state, batch)
       step += 1
@@ -202,6 +204,7 @@ def _cli() -> None:
 
   def main(argv: Any) -> None:
     del argv
+    distributed.maybe_initialize()
     if workdir.value is None:
       raise app.UsageError("--workdir is required")
     code = run(config.value, workdir.value)
