@@ -129,6 +129,7 @@ def run(config, workdir: str) -> int:
   preemption = checkpointing.PreemptionHandler().install()
   exit_code, stop_reason = 0, "finished"
   compile_s = None
+  last_scalars: dict[str, float] = {}
   step = start_step
   try:
     while step < total_steps:
@@ -157,6 +158,7 @@ def run(config, workdir: str) -> int:
           scalars.update(progress.summary())
           scalars["nonfinite_total"] = nonfinite.total
           writer.write_scalars(log_step, scalars)
+          last_scalars = scalars
           message = guard.check(log_step, scalars) if log_step >= config.guard.start_step else None
           if message:
             print(message, flush=True)
@@ -173,6 +175,7 @@ def run(config, workdir: str) -> int:
     tail = buffer.drain()
     if tail is not None:
       writer.write_scalars(tail[0], tail[1])
+      last_scalars = tail[1]
     checkpointing.save(manager, step, state, data_iter=data_iter, config=config, force=True)
     checkpointing.wait(manager)
   finally:
@@ -188,8 +191,12 @@ def run(config, workdir: str) -> int:
     export.export_workdir(workdir, out)
     print(f"exported student params to {out}", flush=True)
   summary = {"stop_reason": stop_reason, "step": step, "compile_s": compile_s,
-             "total_params": total_params, "bad_inputs": bad_counts, **progress.summary()}
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
+             "total_params": total_params, "bad_inputs": bad_counts,
+             "last_loss": last_scalars.get("loss"), "process_index": process_index,
+             **progress.summary()}
+  # One summary per process: every host reports its own view (identical losses expected).
+  name = "summary.json" if process_index == 0 else f"summary.p{process_index}.json"
+  with open(os.path.join(workdir, name), "w") as f:
     json.dump(summary, f, indent=1, default=float)
   print(f"{stop_reason} at step {step}: {summary}", flush=True)
   manager.close()
