@@ -1,7 +1,7 @@
 """EMA teacher: decay schedule and update (fairseq-spec §5; pitfalls §11.13–16).
 
 The teacher is a plain fp32 pytree holding only the EMA'd top-level subtrees of the student's
-params (e.g. ``{'encoder': ...}`` for data2vec 1.0 audio). Some leaves are hard-copied from the
+params (e.g. ``{'encoder': ...}``). Some leaves are hard-copied from the
 student every step instead of averaged (``copy`` patterns, fairseq ``skip_keys``).
 """
 

@@ -101,7 +101,7 @@ def make_optimizer(cfg, lr_fn: Callable, params, frozen: Sequence[str] = ()):
   Leaves whose path matches a ``frozen`` regex get no update and no weight decay (fairseq skips
   parameters without gradients, e.g. the CNN when ``feature_grad_mult`` is 0). Leaves whose path
   matches a ``cfg.no_decay`` regex (optional; fairseq decays everything, BEiT exempts biases,
-  norms, layer-scale gains and the CLS token) get the Adam update without weight decay.
+  norms, layer-scale gains, extra learned tokens) get the Adam update without weight decay.
   """
   chain = []
   if cfg.clip_norm > 0:

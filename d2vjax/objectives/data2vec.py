@@ -20,8 +20,8 @@ from d2vjax.objectives import losses, targets
 
 
 class RegressionHead(nn.Module):
-  """Prediction head: one Linear D→D (audio, vision; PyTorch default init, spec §1.8), or
-  Linear(D→2D) → GELU → Linear(2D→D) when ``num_layers == 2`` (text, spec §4.2)."""
+  """Prediction head: one Linear D→D (``num_layers == 1``; PyTorch default init, spec §1.8), or
+  Linear(D→2D) → GELU → Linear(2D→D) when ``num_layers == 2`` (spec §4.2); chosen by the config."""
   dim: int
   num_layers: int = 1
   dtype: Any = jnp.float32
@@ -45,13 +45,13 @@ class Data2VecModel(nn.Module):
   head: nn.Module
   dim: int
   dropout_input: float = 0.0
-  # U[0,1) (wav2vec2/data2vec audio) | 'trunc_normal' σ 0.02 (BEiT) | 'none' (no mask_emb; set by
-  # Data2Vec for modalities without feature masking).
+  # 'uniform' U[0,1) (fairseq mask_emb, spec §1.8) | 'trunc_normal' σ 0.02 (BEiT) | 'none' (no
+  # mask_emb; set by Data2Vec for modalities without feature masking).
   mask_emb_init: str = "uniform"
 
   def setup(self):
     if self.mask_emb_init == "none":
-      # Input-masking modalities (text) corrupt their ids in the data; no learned vector exists.
+      # Input-masking modalities corrupt their inputs in the data; no learned vector exists.
       self.mask_emb = None
     else:
       init = {"uniform": layers.uniform01,
