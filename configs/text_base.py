@@ -23,14 +23,5 @@ import d2vjax.configs_text as ct
 
 
 def get_config(arg=None):
-  arg = cl.parse_arg(arg, cpu=False, test=False, steps=0, span=False)
-  c = ct.data2vec_text("base")
-  if arg.span:
-    ct.span_recipe(c)
-  if arg.test:
-    ct.text_test_preset(c, total_steps=arg.steps or 8)
-  elif arg.cpu:
-    ct.text_cpu_preset(c, total_steps=arg.steps or 300)
-  elif arg.steps:
-    c.total_steps = arg.steps
-  return c
+  return cl.with_presets(ct.data2vec_text("base"), arg, cpu=ct.text_cpu_preset,
+                         test=ct.text_test_preset, span=ct.span_recipe)

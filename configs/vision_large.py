@@ -22,13 +22,5 @@ import d2vjax.configs_vision as cv
 
 
 def get_config(arg=None):
-  arg = cl.parse_arg(arg, cpu=False, test=False, steps=0)
-  c = cv.data2vec_vision("large")
-  if arg.test:
-    cv.test_preset(c, total_steps=arg.steps or 8)
-  elif arg.cpu:
-    cv.cpu_preset(c, total_steps=arg.steps or 300)
-  elif arg.steps:
-    c.total_steps = arg.steps
-    c.total_epochs = None
-  return c
+  return cl.with_presets(cv.data2vec_vision("large"), arg, cpu=cv.cpu_preset,
+                         test=cv.test_preset)

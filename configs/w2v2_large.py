@@ -15,12 +15,4 @@ import d2vjax.configs_lib as cl
 
 
 def get_config(arg=None):
-  arg = cl.parse_arg(arg, cpu=False, test=False, steps=0)
-  c = cl.wav2vec2_speech("large")
-  if arg.test:
-    cl.test_preset(c, total_steps=arg.steps or 8)
-  elif arg.cpu:
-    cl.cpu_preset(c, total_steps=arg.steps or 300)
-  elif arg.steps:
-    c.total_steps = arg.steps
-  return c
+  return cl.with_presets(cl.wav2vec2_speech("large"), arg)

@@ -299,3 +299,25 @@ def test_preset(c: ml_collections.ConfigDict, total_steps: int = 8) -> None:
   c.ckpt_every = 4
   c.async_checkpointing = False
   c.tensorboard = False
+
+
+def with_presets(c: ml_collections.ConfigDict, arg: str | None, *, cpu=None, test=None,
+                 **extra) -> ml_collections.ConfigDict:
+  """Apply the arguments every config file accepts after ':' — ``cpu``, ``test``, ``steps=N`` —
+  plus ``extra`` boolean flags mapped to functions (e.g. ``span=span_recipe``), applied first.
+
+  ``cpu``/``test`` default to the speech presets; modalities pass their own.
+  """
+  spec = dict(cpu=False, test=False, steps=0, **{k: False for k in extra})
+  a = parse_arg(arg, **spec)
+  for name, fn in extra.items():
+    if a[name]:
+      fn(c)
+  if a.test:
+    (test or test_preset)(c, total_steps=a.steps or 8)
+  elif a.cpu:
+    (cpu or cpu_preset)(c, total_steps=a.steps or 300)
+  elif a.steps:
+    c.total_steps = a.steps
+    c.total_epochs = None
+  return c

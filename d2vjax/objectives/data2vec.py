@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from d2vjax import ema, registry
 from d2vjax.models import layers, transformer
-from d2vjax.objectives import losses, targets
+from d2vjax.objectives import base, losses, targets
 
 
 class RegressionHead(nn.Module):
@@ -82,7 +82,7 @@ class Data2VecModel(nn.Module):
 
 
 @registry.register("objective", "data2vec")
-class Data2Vec:
+class Data2Vec(base.Encoder):
   """data2vec 1.0: builds the model from the config and provides ``init``, ``init_teacher`` and
   ``loss``; the shared train step does the rest."""
 
@@ -111,14 +111,6 @@ class Data2Vec:
   def init_teacher(self, params: dict) -> dict:
     """fp32 copy of the EMA'd subtrees."""
     return ema.init_teacher(params, self.ema_scope)
-
-  def encode(self, params: dict, inputs: dict, *, train: bool = False, rng=None):
-    """Feature extraction: (final ``[B, T, D]``, layer results ``[L, B, T, D]``, padding ``[B, T]``)."""
-    rngs = None if rng is None else {"dropout": rng}
-    f = self.model.apply({"params": params}, inputs, train, method="features", rngs=rngs)
-    x, lr = self.model.apply({"params": params}, f["features"], f["padding_mask"], train,
-                             method="contextualize", rngs=rngs)
-    return x, lr, f["padding_mask"]
 
   def loss(self, params: dict, teacher: dict, batch: dict, rng: jax.Array, train: bool = True,
            step: Any = 0):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from d2vjax import registry
 from d2vjax.models import layers, quantizer as quantizer_lib, transformer
+from d2vjax.objectives import base
 
 
 def sample_negatives(rng: jax.Array, mask: jax.Array, num_negatives: int) -> jax.Array:
@@ -121,7 +122,7 @@ class Wav2Vec2Model(nn.Module):
 
 
 @registry.register("objective", "wav2vec2")
-class Wav2Vec2:
+class Wav2Vec2(base.Encoder):
   """wav2vec 2.0: contrastive + diversity + feature penalty. No teacher (empty teacher pytree)."""
 
   def __init__(self, config):
@@ -154,15 +155,6 @@ class Wav2Vec2:
     """Gumbel temperature at ``step`` completed updates."""
     q = self.config.quantizer
     return quantizer_lib.temperature(step, q.max_temp, q.min_temp, q.temp_decay)
-
-  def encode(self, params: dict, inputs: dict, *, train: bool = False, rng=None):
-    """Feature extraction: (Transformer output ``[B, T, D]``, layer results ``[L, B, T, D]``,
-    padding ``[B, T]``), without masking or quantization."""
-    rngs = None if rng is None else {"dropout": rng}
-    f = self.model.apply({"params": params}, inputs, train, method="features", rngs=rngs)
-    x, results = self.model.apply({"params": params}, f["features"], f["padding_mask"], train,
-                                  method="contextualize", rngs=rngs)
-    return x, results, f["padding_mask"]
 
   def loss(self, params: dict, teacher: dict, batch: dict, rng: jax.Array, train: bool = True,
            step: Any = 0):
