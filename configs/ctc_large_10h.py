@@ -8,7 +8,7 @@ sources live in d2vjax/configs_ctc.py. Manifests are fairseq's (`.tsv` with a `.
 file beside it).
 
 Arguments after ':' (comma separated):
-  cpu          embedded corpus, the configs/speech_base.py:cpu model, 400 steps
+  cpu          embedded corpus, the configs/speech_base.py:cpu model, 600 steps
   test         unit-test preset: 2 layers × 64, one 2.5 s bucket, 8 steps
   steps=N      total steps
 """
