@@ -303,3 +303,138 @@ def span_text_mask(rng: np.random.Generator, tokens, padding_mask, *, mask_prob:
 
 
 __all__ += ["bert_mask", "span_text_mask"]
+
+
+# ---- data2vec 2.0 multi-masks (fairseq-spec §2.4, §2.5)
+# One row per (sample, clone); every row of one kind and length has EXACTLY the same number of
+# masked positions, so the student's gather of kept tokens has one static shape (spec §6.3).
+
+V2_KINDS = ("block_1d", "block_2d", "random")
+
+
+def _exact_count(rng: np.random.Generator, marked: np.ndarray, final: int) -> np.ndarray:
+  """Trims/tops up a bool row in place to exactly ``final`` True entries: random excess marks are
+  cleared (uniform over the marked), missing ones added uniformly among the unmarked (spec §2.4
+  step 4; these extras are isolated positions, not blocks)."""
+  on = np.flatnonzero(marked)
+  if on.size > final:
+    marked[rng.choice(on, on.size - final, replace=False)] = False
+  elif on.size < final:
+    off = np.flatnonzero(~marked)
+    marked[rng.choice(off, final - on.size, replace=False)] = True
+  return marked
+
+
+def _block_prob(mask_prob: float, inverse: bool) -> float:
+  """The fraction the blocks mark: the masked share, or with ``inverse`` the KEPT share."""
+  return 1.0 - mask_prob if inverse else mask_prob
+
+
+def block_mask_1d(rng: np.random.Generator, num_rows: int, length: int, *, mask_prob: float,
+                  mask_length: int, mask_prob_adjust: float = 0.0,
+                  inverse: bool = False) -> np.ndarray:
+  """data2vec 2.0 1-D block mask (fairseq ``compute_block_mask_1d``, spec §2.4), one per row.
+
+  With ``p = mask_prob`` (``1 - mask_prob`` if ``inverse``: blocks then mark what is KEPT):
+  ``floor(length·(p + mask_prob_adjust) / mask_length)`` centres uniform WITH replacement in
+  ``[0, length)``; each marks offsets ``-⌊k/2⌋ … k-1-⌊k/2⌋`` clamped into ``[0, length-1]``; then
+  exactly ``floor(length·p)`` marks per row (random trim / single-position top-up); ``inverse``
+  flips the result. Audio Base: p 0.5, k 5, adjust 0.05 → ``floor(0.11·T)`` centres,
+  ``floor(T/2)`` masked frames.
+
+  Returns:
+    bool ``[num_rows, length]``, True = masked.
+  """
+  if mask_length < 1:
+    raise ValueError(f"block_mask_1d: mask_length must be >= 1, got {mask_length}")
+  p = _block_prob(mask_prob, inverse)
+  centres = int(length * (p + mask_prob_adjust) / mask_length)
+  final = int(length * p)
+  offsets = np.arange(mask_length) - mask_length // 2
+  out = np.zeros((num_rows, length), bool)
+  for r in range(num_rows):
+    c = rng.integers(0, length, size=centres)
+    idx = np.clip(c[:, None] + offsets[None, :], 0, length - 1).reshape(-1)
+    out[r, idx] = True
+    _exact_count(rng, out[r], final)
+  return ~out if inverse else out
+
+
+def block_mask_2d(rng: np.random.Generator, num_rows: int, side: int, *, mask_prob: float,
+                  mask_length: int, mask_prob_adjust: float = 0.0,
+                  inverse: bool = True) -> np.ndarray:
+  """data2vec 2.0 2-D block mask on a ``side × side`` grid (``compute_block_mask_2d``, spec §2.4).
+
+  As ``block_mask_1d`` with ``floor(L·(p + adjust) / k²)`` centres (L = side²), each marking the
+  ``k × k`` square at offsets ``-⌊k/2⌋ … k-1-⌊k/2⌋``, row and column clamped independently into
+  the grid, then exactly ``floor(L·p)`` marks. Image Base (``inverse``, mask_prob 0.8, k 3,
+  adjust 0.07): 5 centres, 39 of 196 patches KEPT, 157 masked.
+
+  Returns:
+    bool ``[num_rows, side·side]`` in row-major grid order, True = masked.
+  """
+  if mask_length < 1:
+    raise ValueError(f"block_mask_2d: mask_length must be >= 1, got {mask_length}")
+  length = side * side
+  p = _block_prob(mask_prob, inverse)
+  centres = int(length * (p + mask_prob_adjust) / mask_length ** 2)
+  final = int(length * p)
+  off = np.arange(mask_length) - mask_length // 2
+  out = np.zeros((num_rows, length), bool)
+  for r in range(num_rows):
+    c = rng.integers(0, length, size=centres)
+    rows = np.clip((c // side)[:, None, None] + off[None, :, None], 0, side - 1)
+    cols = np.clip((c % side)[:, None, None] + off[None, None, :], 0, side - 1)
+    out[r, (rows * side + cols).reshape(-1)] = True
+    _exact_count(rng, out[r], final)
+  return ~out if inverse else out
+
+
+def random_mask(rng: np.random.Generator, num_rows: int, length: int, *,
+                mask_prob: float) -> np.ndarray:
+  """MAE random masking (fairseq ``random_masking``, spec §2.5): per row the
+  ``floor(length·(1 - mask_prob))`` positions with the smallest U(0, 1) noise are kept, the rest
+  masked (padding and BOS/EOS are not excluded, as in fairseq). Text Base: 512 → 266 kept.
+
+  Returns:
+    bool ``[num_rows, length]``, True = masked.
+  """
+  keep = int(length * (1.0 - mask_prob))
+  order = np.argsort(rng.random((num_rows, length)), axis=1, kind="stable")
+  out = np.ones((num_rows, length), bool)
+  np.put_along_axis(out, order[:, :keep], False, axis=1)
+  return out
+
+
+def multi_mask(rng: np.random.Generator, kind: str, num_rows: int, length: int, *,
+               mask_prob: float, mask_length: int = 1, mask_prob_adjust: float = 0.0,
+               inverse: bool = False) -> np.ndarray:
+  """``num_rows`` data2vec 2.0 masks of ``kind`` ∈ ``V2_KINDS`` over ``length`` positions
+  (``block_2d`` needs a square ``length``). bool ``[num_rows, length]``, True = masked."""
+  if kind == "block_1d":
+    return block_mask_1d(rng, num_rows, length, mask_prob=mask_prob, mask_length=mask_length,
+                         mask_prob_adjust=mask_prob_adjust, inverse=inverse)
+  if kind == "block_2d":
+    side = int(round(length ** 0.5))
+    if side * side != length:
+      raise ValueError(f"block_2d masks need a square grid, got {length} positions")
+    return block_mask_2d(rng, num_rows, side, mask_prob=mask_prob, mask_length=mask_length,
+                         mask_prob_adjust=mask_prob_adjust, inverse=inverse)
+  if kind == "random":
+    return random_mask(rng, num_rows, length, mask_prob=mask_prob)
+  raise ValueError(f"masking.kind must be one of {V2_KINDS}, got {kind!r}")
+
+
+def num_kept(kind: str, length: int, *, mask_prob: float, inverse: bool = False) -> int:
+  """Positions every ``multi_mask`` row of ``kind`` leaves unmasked (a static shape: the
+  student's ``T_keep``). block: ``length - floor(length·p)``, or ``floor(length·(1-p))`` with
+  ``inverse``; random: ``floor(length·(1-p))``."""
+  if kind not in V2_KINDS:
+    raise ValueError(f"masking.kind must be one of {V2_KINDS}, got {kind!r}")
+  if kind == "random" or inverse:
+    return int(length * (1.0 - mask_prob))
+  return length - int(length * mask_prob)
+
+
+__all__ += ["V2_KINDS", "block_mask_1d", "block_mask_2d", "random_mask", "multi_mask",
+            "num_kept"]

@@ -40,9 +40,13 @@ class Speech(Modality):
   @staticmethod
   def mask_fn(mask_cfg):
     """Host masking policy: span masks (fairseq-spec §2.1) over each row's valid CNN frames,
-    computed in the data workers (picklable). Adds ``mask`` bool ``[B, T]``, ``T = num_frames(S)``.
+    computed in the data workers (picklable). Adds ``mask`` bool ``[B, T]``, ``T = num_frames(S)``;
+    with ``masking.kind='block_1d'`` (data2vec 2.0) ``mask`` bool ``[B, M, T]``.
     """
-    from d2vjax.data import pipeline  # pylint: disable=g-import-not-at-top
+    from d2vjax.data import multimask, pipeline  # pylint: disable=g-import-not-at-top
+    if multimask.is_multi_mask(mask_cfg):
+      # data2vec 2.0: M block masks per clip on the batch's final frame count (spec §6.3).
+      return multimask.multi_mask_fn(mask_cfg, frame_positions)
     return pipeline.speech_mask_fn(mask_cfg)
 
   @staticmethod
@@ -67,3 +71,9 @@ class Speech(Modality):
   def batch_units(batch: dict, sample_rate: int = audio.SAMPLE_RATE) -> float:
     """Seconds of (unpadded) audio in a host batch."""
     return float((~batch["padding_mask"]).sum()) / sample_rate
+
+
+def frame_positions(batch: dict) -> tuple[int, int]:
+  """(rows, CNN frames) of a host batch: the maskable positions of data2vec 2.0."""
+  rows, samples = batch["audio"].shape
+  return rows, audio.num_frames(samples)

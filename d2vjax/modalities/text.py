@@ -55,7 +55,11 @@ class Text(Modality):
   def mask_fn(mask_cfg):
     """Host masking policy (picklable): ``masking.kind`` 'bert' (15 %, 80/10/10) or 'span'
     (spans of 4, p 0.35); adds ``masked_tokens`` and ``mask`` (``data.text.TextMaskFn``)."""
+    from d2vjax.data import multimask  # pylint: disable=g-import-not-at-top
     from d2vjax.data import text as text_data  # pylint: disable=g-import-not-at-top
+    if multimask.is_multi_mask(mask_cfg):
+      # data2vec 2.0: M MAE random masks per block, ``mask`` bool [B, M, T] (spec §2.5).
+      return multimask.multi_mask_fn(mask_cfg, token_positions)
     return text_data.text_mask_fn(mask_cfg)
 
   @staticmethod
@@ -80,3 +84,8 @@ class Text(Modality):
   def batch_units(batch: dict) -> float:
     """Unpadded tokens (``<s>``/``</s>`` included) in a host batch."""
     return float((~batch["padding_mask"]).sum())
+
+
+def token_positions(batch: dict) -> tuple[int, int]:
+  """(rows, tokens) of a host batch: the maskable positions of data2vec 2.0."""
+  return tuple(batch["tokens"].shape)
