@@ -2,7 +2,8 @@
 by name from the config instead of ``if modality == ...`` ladders.
 
 Kinds in use: ``modality`` (feature encoder + masking policy + target-norm defaults), ``objective``
-(loss + teacher scope), ``pos_encoder`` (positional encoders the shared Transformer can host).
+(loss + teacher scope), ``pos_encoder`` (positional encoders the shared Transformer can host),
+``probe`` (linear probe heads) and ``probe_data`` (labelled subsets per modality for the probes).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ _REGISTRY: dict[str, dict[str, Any]] = {}
 # Packages whose modules register the built-in entries on import. Every module in them is imported
 # lazily on the first lookup, so `import d2vjax.registry` stays cheap, import cycles cannot form,
 # and a new modality/objective/model file needs no edit here.
-_BUILTIN_PACKAGES = ("d2vjax.models", "d2vjax.modalities", "d2vjax.objectives")
+_BUILTIN_PACKAGES = ("d2vjax.models", "d2vjax.modalities", "d2vjax.objectives",
+                     "d2vjax.probes")
 
 
 def register(kind: str, name: str) -> Callable[[Any], Any]:
