@@ -41,8 +41,9 @@ class ProbeData:
   """A labelled subset as the model sees it.
 
   Attributes:
-    batches: host batches with the modality's model-input keys and ``row_valid`` bool ``[B]``
-      (False = filler row), in a fixed order; shapes come from a small fixed set.
+    batches: GLOBAL host batches (identical on every process) with the modality's model-input
+      keys and ``row_valid`` bool ``[B]`` (False = filler row), in a fixed order; rows are a
+      multiple of the data-parallel device count; shapes come from a small fixed set.
     kind: the probe that reads the targets ('ctc' | 'classify').
     targets: per valid row, in batch order: transcripts (str, 'ctc') or class ids (int,
       'classify').
@@ -184,16 +185,20 @@ def resolve_layer(layer: int, num_layers: int) -> int:
 
 def encode_all(encode: Callable, params, data: ProbeData, batch_sharding=None) -> Features:
   """``encode(params, batch) -> (x [B, T, D], padding [B, T])`` over every batch; the valid rows
-  concatenated and padded to the longest T. Batches are placed with ``batch_sharding`` when
-  given (multi-device runs), and outputs gathered to every process."""
+  concatenated and padded to the longest T. ``data.batches`` are global batches (the same on
+  every process); with ``batch_sharding`` each process places its share of the rows and the
+  outputs are gathered back to every process."""
   xs, pads = [], []
+  pi, pc = jax.process_index(), jax.process_count()
   for batch in data.batches:
-    valid = np.asarray(batch.get("_global_row_valid", batch["row_valid"]), bool)
+    valid = np.asarray(batch["row_valid"], bool)
     inputs = {k: v for k, v in batch.items() if not k.startswith("_") and k != "row_valid"}
     if batch_sharding is not None:
-      inputs = sharding.global_batch(inputs, batch_sharding)
+      local = len(valid) // pc
+      inputs = sharding.global_batch({k: v[pi * local:(pi + 1) * local]
+                                      for k, v in inputs.items()}, batch_sharding)
     x, pad = encode(params, inputs)
-    if jax.process_count() > 1:
+    if pc > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       x, pad = multihost_utils.process_allgather((x, pad), tiled=True)
     x, pad = np.asarray(x, np.float32), np.asarray(pad, bool)
@@ -284,6 +289,22 @@ def probe_fields(every: int = 0, *, train_split: str = "train", valid_split: str
       every=every, train_split=train_split, valid_split=valid_split, max_train=max_train,
       max_valid=max_valid, layer=layer, steps=steps, lr=lr,
       buckets=config_dict.placeholder(list) if buckets is None else list(buckets)))
+
+
+def fill_batches(dummy_batch: Callable[[int], dict], items: Sequence, fill: Callable[[dict, int, Any],
+                 None], rows: int) -> list[dict]:
+  """``items`` cut into batches of ``rows`` (the last topped up with filler rows,
+  ``row_valid`` False): each batch starts as ``dummy_batch(rows)`` (the modality's all-zero
+  inputs) and ``fill(batch, row, item)`` writes one item into it."""
+  out = []
+  for start in range(0, len(items), rows):
+    chunk = items[start:start + rows]
+    batch = dummy_batch(rows)
+    for r, item in enumerate(chunk):
+      fill(batch, r, item)
+    batch["row_valid"] = np.arange(rows) < len(chunk)
+    out.append(batch)
+  return out
 
 
 def first(examples: Sequence, n: int, seed: int = 0) -> list:

@@ -106,7 +106,7 @@ def test_speech_probe_on_embedded_corpus_with_a_random_model():
   valid = registry.get("probe_data", "speech")(c, "valid", 3, 2)
   assert len(train.targets) == 6 and len(valid.targets) == 3
   assert all(t == asr.normalize_text(t) and t for t in train.targets)
-  rows = sum(int(b["_global_row_valid"].sum()) for b in train.batches)
+  rows = sum(int(b["row_valid"].sum()) for b in train.batches)
   assert rows == 6
   for b in train.batches:  # whole utterances: nothing cropped, padding only at the end
     valid_samples = (~b["padding_mask"]).sum(1)
@@ -131,3 +131,80 @@ def test_probe_off_and_missing_labels():
   c.probe = probe.probe_fields(every=5, train_split="nonexistent_split")
   with pytest.raises((ValueError, FileNotFoundError, KeyError)):
     probe.make_prober(c, registry.get("objective", c.objective)(c))
+
+
+def _prober_accuracy(c):
+  import jax
+  obj = registry.get("objective", c.objective)(c)
+  params = jax.jit(obj.init)(jax.random.key(0), obj.modality.dummy_batch(c.data, 2))
+  prober = probe.make_prober(c, obj, batch_multiple=2)
+  return prober, prober(params)
+
+
+def test_vision_probe_reads_an_image_folder_with_the_eval_view(tmp_path):
+  """Two colour classes in an ImageFolder: the provider labels them by subfolder, builds the
+  centre-crop view, and even a random ViT's pooled patch features separate them linearly."""
+  from PIL import Image
+  from d2vjax import configs_vision
+  from d2vjax.probes import vision as vision_probe
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 12), ("val", 6)):
+    for cls, channel in (("blue", 2), ("red", 0)):
+      (tmp_path / split / cls).mkdir(parents=True)
+      for i in range(n):
+        px = rng.integers(0, 80, (40, 50, 3)).astype(np.uint8)
+        px[..., channel] = rng.integers(150, 255, (40, 50))
+        Image.fromarray(px).save(tmp_path / split / cls / f"{i}.png")
+  c = configs_vision.data2vec_vision("base")
+  configs_vision.test_preset(c)
+  c.data.source, c.data.folder = "folder", str(tmp_path)
+  c.probe = probe.probe_fields(every=2, valid_split="valid", max_train=24, max_valid=12,
+                               steps=100, lr=0.05)
+  prober, scores = _prober_accuracy(c)
+  assert sorted(prober.train_data.targets) == [0] * 12 + [1] * 12  # blue = 0, red = 1
+  assert prober.train_data.num_classes == 2 and len(prober.valid_data.targets) == 12
+  s = int(c.data.image_size)
+  assert prober.train_data.batches[0]["image"].shape[1:] == (s, s, 3)
+  # The eval view: shorter side to s / 0.875, centre crop (PIL reference).
+  img = Image.open(tmp_path / "train" / "red" / "0.png").convert("RGB")
+  short = round(s / 0.875)
+  big = img.resize((round(50 * short / 40), short), Image.Resampling.BICUBIC)
+  left, top = (big.size[0] - s) // 2, (big.size[1] - s) // 2
+  want = np.asarray(big.crop((left, top, left + s, top + s)), np.float32) / 255.0
+  aug = vision_probe.image.augment_from_config(c.data)
+  got = vision_probe.eval_view(img, aug) * np.asarray(aug.std) + np.asarray(aug.mean)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert scores["probe/accuracy"] >= 0.9, scores
+
+
+def test_text_probe_reads_tsv_sentence_labels(tmp_path):
+  """label<TAB>sentence files; labels numbered from the training file; a random RoBERTa's pooled
+  token features separate sentences built from two disjoint word lists."""
+  from d2vjax import configs_text
+  rng = np.random.default_rng(0)
+  pos, neg = ["good", "great", "happy", "bright"], ["bad", "awful", "sad", "dark"]
+
+  def write(path, n):
+    lines = []
+    for i in range(n):
+      label, words = ("pos", pos) if i % 2 == 0 else ("neg", neg)
+      lines.append(label + "\t" + " ".join(rng.choice(words, 5)))
+    path.write_text("\n".join(lines) + "\n\n")
+
+  write(tmp_path / "train.tsv", 24)
+  write(tmp_path / "dev.tsv", 10)
+  c = configs_text.data2vec_text("base")
+  configs_text.text_test_preset(c)
+  c.probe = probe.probe_fields(every=2, train_split=str(tmp_path / "train.tsv"),
+                               valid_split=str(tmp_path / "dev.tsv"), max_train=24, max_valid=10,
+                               steps=100, lr=0.05)
+  prober, scores = _prober_accuracy(c)
+  assert prober.train_data.num_classes == 2
+  assert prober.train_data.targets[:4] == [1, 0, 1, 0]  # sorted labels: neg = 0, pos = 1
+  b = prober.train_data.batches[0]
+  assert (b["tokens"][b["row_valid"], 0] == 0).all()  # <s> first
+  assert scores["probe/accuracy"] >= 0.9, scores
+  (tmp_path / "broken.tsv").write_text("no tab here\n")
+  from d2vjax.probes import text as text_probe
+  with pytest.raises(ValueError, match=r"broken.tsv:1"):
+    text_probe.read_tsv(str(tmp_path / "broken.tsv"))

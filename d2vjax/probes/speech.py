@@ -40,12 +40,9 @@ def speech_probe_data(config, split: str, max_examples: int, batch_multiple: int
   batches, targets = [], []
   if not examples:
     return probe.ProbeData(batches, "ctc", targets)
-  import jax  # pylint: disable=g-import-not-at-top
-  for b in ctc_data.eval_batches(d, examples, _identity, batch_multiple=batch_multiple,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count()):
-    keep = np.asarray([bool(k) for k in b["_global_keys"]])
-    targets += [t for t, k in zip(b["_global_transcripts"], keep) if k]
+  # Global batches, identical on every process (``probe.encode_all`` shares out the rows).
+  for b in ctc_data.eval_batches(d, examples, _identity, batch_multiple=batch_multiple):
+    targets += [t for t, ok in zip(b["_global_transcripts"], b["row_valid"]) if ok]
     batches.append({"audio": b["audio"], "padding_mask": b["padding_mask"],
-                    "row_valid": b["row_valid"], "_global_row_valid": keep})
+                    "row_valid": b["row_valid"]})
   return probe.ProbeData(batches, "ctc", targets)
