@@ -1,0 +1,211 @@
+r"""Checkpoint interop: published fairseq / Hugging Face weights → d2vjax params, and back to
+the Hugging Face layout.
+
+``python -m d2vjax.convert --from=hf --in=facebook-wav2vec2-base/ --out=w2v2.msgpack``
+``python -m d2vjax.convert --to=hf --in=w2v2.msgpack --out=hf_dir/``
+
+Import: the source family is recognised from ``config.json`` (HF) or the keys (fairseq); the
+architecture is read off the checkpoint (its config where it has one, else the tensor shapes)
+and written over a d2vjax config (``--config``, default the matching ``configs/*.py``); every
+source key is converted, or dropped with a stated reason, or the conversion fails naming it.
+The output is an export (``.msgpack`` + ``.json`` sidecar with the config and the key
+accounting) that ``d2vjax.export.load_model`` loads. Key names: fairseq-spec §12.1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+from types import ModuleType
+from typing import Callable
+
+import ml_collections
+import numpy as np
+
+from d2vjax.convert import d2v2, rules as R, sources, speech, text, vision
+
+_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One checkpoint family: its key tables (``module``) and the d2vjax config it maps onto."""
+  name: str
+  module: ModuleType
+  config: Callable[[int], str]  # model width → default config file in configs/
+  hf_type: str | None = None  # HF model_type for export
+
+
+def _sized(base: str, large: str) -> Callable[[int], str]:
+  return lambda dim: large if dim >= 1024 else base
+
+
+FAMILIES = {
+    ("hf", "wav2vec2"): Family("wav2vec2", speech, _sized("w2v2_base.py", "w2v2_large.py"),
+                               "wav2vec2"),
+    ("hf", "data2vec-audio"): Family("data2vec-audio", speech,
+                                     _sized("speech_base.py", "speech_large.py"),
+                                     "data2vec-audio"),
+    ("hf", "data2vec-vision"): Family("data2vec-vision", vision,
+                                      _sized("vision_base.py", "vision_large.py"),
+                                      "data2vec-vision"),
+    ("hf", "data2vec-text"): Family("data2vec-text", text, lambda d: "text_base.py",
+                                    "data2vec-text"),
+    ("fairseq", "wav2vec2"): Family("wav2vec2", speech, _sized("w2v2_base.py", "w2v2_large.py")),
+    ("fairseq", "data2vec_audio"): Family("data2vec_audio", speech,
+                                          _sized("speech_base.py", "speech_large.py")),
+    ("fairseq", "data2vec_text"): Family("data2vec_text", text, lambda d: "text_base.py"),
+}
+
+
+def load_config(spec) -> ml_collections.ConfigDict:
+  """A d2vjax config from ``'configs/x.py[:args]'`` (or a ConfigDict, copied)."""
+  if isinstance(spec, ml_collections.ConfigDict):
+    return ml_collections.ConfigDict(spec.to_dict())
+  path, _, arg = str(spec).partition(":")
+  if not os.path.exists(path) and os.path.exists(os.path.join(_CONFIGS, path)):
+    path = os.path.join(_CONFIGS, path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path!r} not found")
+  mod_spec = importlib.util.spec_from_file_location("_d2vjax_convert_config", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  return mod.get_config(arg or None)
+
+
+def detect(fmt: str, state: dict, ckcfg: dict | None) -> str:
+  """The family name of a checkpoint (HF: ``config.json`` model_type, else the keys)."""
+  keys = set(state)
+  has = lambda pattern: any(re.match(pattern, k) for k in keys)
+  if fmt == "hf":
+    if ckcfg and ckcfg.get("model_type"):
+      return ckcfg["model_type"]
+    if has(r"(\w+\.)?embeddings\.patch_embeddings\."):
+      return "data2vec-vision"
+    if has(r"(\w+\.)?embeddings\.word_embeddings\."):
+      return "data2vec-text"
+    if has(r"(\w+\.)?encoder\.pos_conv_embed\.layers\."):
+      return "data2vec-audio"
+    if has(r"(\w+\.)?feature_extractor\.conv_layers\."):
+      return "wav2vec2"
+  else:
+    if has(r"modality_encoders\."):
+      return "data2vec2"
+    if has(r"encoder\.sentence_encoder\."):
+      return "data2vec_text"
+    if has(r"(w2v_encoder\.w2v_model\.)?feature_extractor\.conv_layers\."):
+      name = str((ckcfg or {}).get("_name", ""))
+      if name in ("wav2vec2", "data2vec_audio"):
+        return name
+      single = has(r"(w2v_encoder\.w2v_model\.)?encoder\.pos_conv\.0\.weight_v")
+      return "wav2vec2" if single or has(r"quantizer\.") else "data2vec_audio"
+  raise ValueError(f"unrecognised {fmt} checkpoint (keys like {sorted(keys)[:5]})")
+
+
+def read(path: str, fmt: str) -> tuple[dict, dict | None]:
+  """(numpy state dict, checkpoint config or None)."""
+  if fmt == "hf":
+    return sources.read_hf(path)
+  if fmt == "fairseq":
+    return sources.read_fairseq(path)
+  raise ValueError(f"--from must be 'hf' or 'fairseq', got {fmt!r}")
+
+
+def _shapes(objective, config) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  tree = jax.eval_shape(objective.init, jax.random.key(0),
+                        objective.modality.dummy_batch(config.data))
+  return {k: tuple(v.shape) for k, v in R.flatten(tree).items()}
+
+
+def convert_state(state: dict, fmt: str, ckcfg: dict | None = None, config=None,
+                  source: str = "") -> tuple[dict, ml_collections.ConfigDict, R.Report]:
+  """Convert an in-memory state dict (numpy arrays, source key names).
+
+  Args:
+    state: source key → array.
+    fmt: 'hf' or 'fairseq'.
+    ckcfg: the checkpoint's own config (HF config.json / fairseq ``cfg.model``), or None.
+    config: d2vjax config (ConfigDict or 'configs/x.py[:args]'); default by family and width.
+  Returns:
+    (params nested dict of float32 numpy arrays, the derived d2vjax config, the report).
+  """
+  from d2vjax import registry  # pylint: disable=g-import-not-at-top
+  family = detect(fmt, state, ckcfg)
+  report = R.Report(source=source or f"{fmt}:{family}")
+  if family == "data2vec2":
+    return d2v2.convert(state, ckcfg, config, report, load_config, _shapes)
+  if (fmt, family) not in FAMILIES:
+    raise ValueError(f"{fmt} family {family!r} is not supported; known: "
+                     f"{sorted(f for _, f in FAMILIES)}")
+  fam = FAMILIES[(fmt, family)]
+  mod = fam.module
+  state = mod.strip_prefix(state, fmt)
+  if mod is text and fmt == "hf":
+    state = text.fold_token_type(state, report)
+  c = load_config(config if config is not None else fam.config(_width(state)))
+  mod.derive(c, state, ckcfg, fmt, report)
+  objective = registry.get("objective", c.objective)(c)
+  shapes = _shapes(objective, c)
+  flat = R.to_params(state, mod.rules(state, fmt, shapes), shapes, report)
+  report.drop(state, mod.drops(fmt))
+  report.check_complete(state)
+  _fill_missing(flat, shapes, mod, objective, c, report)
+  return R.unflatten(flat), c, report
+
+
+def _width(state: dict) -> int:
+  for k, v in state.items():
+    if re.search(r"(fc1|intermediate_dense|intermediate\.dense)\.weight$", k):
+      return int(v.shape[1])
+  return 768
+
+
+def _fill_missing(flat, shapes, mod, objective, config, report) -> None:
+  """Params the checkpoint lacks: structural identities, or fresh init where the family says a
+  checkpoint may legitimately lack them; anything else is an error."""
+  missing = sorted(set(shapes) - set(flat))
+  fresh = None
+  for path in missing:
+    filled = getattr(mod, "identity_fill", lambda *_: None)(path, shapes[path])
+    if filled is not None:
+      flat[path], report.initialised[path] = filled
+      continue
+    reason = next((r for p, r in mod.FRESH if re.fullmatch(p, path)), None)
+    if reason is None:
+      raise KeyError(f"{report.source}: d2vjax parameter {path} {shapes[path]} has no source "
+                     "key in the checkpoint")
+    if fresh is None:
+      import jax  # pylint: disable=g-import-not-at-top
+      # Param shapes do not depend on the input length: init on the family's shortest input.
+      data = ml_collections.ConfigDict(config.data.to_dict())
+      data.update(getattr(mod, "INIT_DATA", {}))
+      fresh = R.flatten(jax.jit(objective.init)(jax.random.key(0),
+                                                objective.modality.dummy_batch(data)))
+    flat[path] = np.asarray(fresh[path], np.float32)
+    report.initialised[path] = f"fresh init: {reason}"
+
+
+def convert(path: str, fmt: str, config=None):
+  """Read and convert a checkpoint file/directory: ``(params, config, report)``."""
+  state, ckcfg = read(path, fmt)
+  return convert_state(state, fmt, ckcfg, config, source=path)
+
+
+def save(params: dict, config, report: R.Report, out: str) -> str:
+  """Write ``out`` (msgpack) and its ``.json`` sidecar in ``d2vjax.export``'s format."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  from d2vjax import export  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "wb") as f:
+    f.write(serialization.msgpack_serialize(params))
+  sidecar = {"config": json.loads(config.to_json_best_effort()), "subtree": "student",
+             "step": None, "params_sha256": export.params_hash(params),
+             "converted_from": report.summary()}
+  with open(os.path.splitext(out)[0] + ".json", "w") as f:
+    json.dump(sidecar, f, indent=1)
+  return out
