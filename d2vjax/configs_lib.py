@@ -123,10 +123,22 @@ def run_fields(c: ml_collections.ConfigDict, total_steps: int) -> None:
   # time-limited jobs that train in chunks. 0 = run to total_steps.
   c.stop_after_steps = 0
   c.num_devices = 0  # 0 = all visible devices (a smaller number only for tests/debugging)
-  # Mesh axes (name, size), one size -1 = the rest. The batch is split over data × fsdp; params,
-  # optimizer state and teacher are sharded over fsdp by `sharding_rules` (jax-style §4).
+  # Mesh axes (name, size), one size -1 = the rest; add ("tensor", n) for tensor parallelism.
+  # The batch is split over data × fsdp; params, optimizer state and teacher are sharded over
+  # fsdp (and tensor) by `sharding_rules` (jax-style §4, docs/scaling.md).
   c.mesh = (("data", -1), ("fsdp", 1))
-  c.sharding_rules = ((".*", "fsdp"),)  # (path regex, 'fsdp' | 'replicate'), first match wins
+  # Multi-slice TPU: slices spanned by each axis over DCN, e.g. (("data", 2),); () = one slice.
+  c.dcn_mesh = ()
+  # (path regex, ops) with ops from sharding.OPS joined by '+'; first match wins. Megatron-style
+  # tensor rules act only when the mesh has a 'tensor' axis.
+  c.sharding_rules = (
+      (r".*/(fc1|q_proj|k_proj|v_proj)/kernel", "tensor_out+fsdp"),
+      (r".*/(fc2|out_proj)/kernel", "tensor_in+fsdp"),
+      (".*", "fsdp"),
+  )
+  # Bound on compiled train-step programs (0 = the number of batch shapes in the bucket plan);
+  # exceeding it stops the run with an error naming the shapes (user-needs C1).
+  c.max_step_compiles = 0
   # Gradient accumulation: micro-batches per update inside the jitted step; the loss is
   # normalised once by the global count, so k × b rows equal one batch of k·b (spec §7.3).
   c.accum_steps = 1
@@ -162,6 +174,7 @@ def speech_model(size: str, **overrides) -> ml_collections.ConfigDict:
           layer_norm_first=False,  # post-LN (spec §11.26)
           pos_encoder="conv_stack", pos_width=95, pos_depth=5, pos_groups=16,  # spec §1.3b
           norm_eps=1e-5, scan=True, remat="none", dtype="float32",
+          residual_tensor=False,  # also split D over 'tensor' between blocks (docs/scaling.md)
       ),
   ))
   for k, v in overrides.items():

@@ -75,6 +75,7 @@ def text_model(size: str, vocab_size: config_dict.FieldReference) -> ml_collecti
           pos_encoder="none",  # learned positions live in the frontend (spec §4.2)
           layer_result="ffn",  # targets: FFN output before dropout/residual/LN (spec §4.2, §11.8)
           norm_eps=1e-5, scan=True, remat="none", dtype="float32",
+          residual_tensor=False,  # also split D over 'tensor' between blocks (docs/scaling.md)
       ),
   ))
 

@@ -88,6 +88,7 @@ def data2vec_vision(size: str) -> ml_collections.ConfigDict:
           pos_encoder="none",
           norm_eps=1e-6,  # modeling: LayerNorm eps 1e-6
           scan=True, remat="none", dtype="float32",
+          residual_tensor=False,  # also split D over 'tensor' between blocks (docs/scaling.md)
       ),
   ))
   c.masking = ml_collections.ConfigDict(dict(

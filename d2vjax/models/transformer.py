@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from d2vjax import registry
+from d2vjax import registry, sharding
 from d2vjax.models import layers
 
 # Size presets (data2vec §4.2; wav2vec 2.0 §4.2; fairseq-spec §1.4). 'tiny' is for tests and the
@@ -53,6 +53,10 @@ class EncoderConfig:
   norm_eps: float = 1e-5
   scan: bool = True
   remat: str = "none"  # 'none' | 'full' | 'dots' (save matmul outputs)
+  # Block-boundary activations [B, T, D] are pinned to batch over (data, fsdp) when a mesh is
+  # active; True also splits D over the 'tensor' axis between blocks (less memory, the all-reduce
+  # after fc2/out_proj becomes a reduce-scatter + all-gather).
+  residual_tensor: bool = False
   dtype: str = "float32"
 
 
@@ -153,7 +157,13 @@ class EncoderLayer(nn.Module):
       x = jnp.where(u <= cfg.layerdrop, x_in, x)
     if cfg.layer_result not in ("ffn", "block"):
       raise ValueError(f"encoder.layer_result must be 'ffn' or 'block', got {cfg.layer_result!r}")
-    return x, (f if cfg.layer_result == "ffn" else x)
+    x = _constrain(x, cfg)
+    return x, (_constrain(f, cfg) if cfg.layer_result == "ffn" else x)
+
+
+def _constrain(x, cfg: EncoderConfig):
+  """Block-boundary layout of the residual stream (a no-op unless a mesh is active)."""
+  return sharding.constrain_activation(x, tensor_dim=x.ndim - 1 if cfg.residual_tensor else None)
 
 
 def _layer_class(cfg: EncoderConfig):
@@ -189,6 +199,7 @@ class TransformerEncoder(nn.Module):
     if not cfg.layer_norm_first and cfg.input_layer_norm:
       x = layers.LayerNorm(cfg.norm_eps, name="layer_norm")(x)
     x = nn.Dropout(cfg.dropout)(x, deterministic=not train)
+    x = _constrain(x, cfg)
     if cfg.attn_bias != "none":
       # One bias table shared by every layer (BEiT's shared relative position bias).
       shared = registry.get("attn_bias", cfg.attn_bias)(cfg.num_heads, name="attn_bias")(x.shape[1])
