@@ -7,7 +7,8 @@ Each modality must also define (see ``modalities/speech.py``):
   frontend(model_cfg, dim, dtype) -> Flax module ``(inputs, train) -> {'features': [B, T, D],
       'padding_mask': [B, T]}``;
   dummy_batch(data_cfg, batch_size) -> an all-zero host batch with the pre-training keys;
-  mask_fn(mask_cfg) -> picklable ``(np.random.Generator, batch) -> batch`` adding ``mask [B, T]``;
+  mask_fn(mask_cfg) -> picklable ``(np.random.Generator, batch) -> batch`` adding ``mask [B, T]``
+      (or, for a data2vec 2.0 ``masking.kind``, ``mask [B, M, T]``: ``data.multimask``);
   examples(data_cfg, split), batch_plan(data_cfg, examples, batch_multiple),
   make_iterator(data_cfg, **kw), batch_units(batch) -> float (throughput in ``unit``).
 """
@@ -35,6 +36,13 @@ class Modality:
   def teacher_inputs(batch: dict) -> dict:
     """The frontend inputs of the teacher when ``feature_masking`` is False."""
     return batch
+
+  @classmethod
+  def local_encoder(cls, model_cfg, dim: int, dtype):
+    """data2vec 2.0's local encoder (spec §6.2): features computed ONCE per sample from
+    ``teacher_inputs(batch)`` (the unmasked input) before cloning and masking. Default: the
+    modality's ``frontend``."""
+    return cls.frontend(model_cfg, dim, dtype)
 
   @staticmethod
   def post_init(params: dict, model_cfg) -> dict:

@@ -8,6 +8,7 @@ vision reference. What follows it and what differs is listed in docs/semantics.m
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax.numpy as jnp
@@ -70,6 +71,11 @@ class Vision(Modality):
     return vision.ImageFrontend(dim, int(model_cfg.patch_size), dtype)
 
   @staticmethod
+  def local_encoder(model_cfg, dim: int, dtype):
+    """data2vec 2.0: ``PatchFrontend`` (xavier patch conv + fixed 2-D sin-cos, no CLS)."""
+    return vision.PatchFrontend(dim, int(model_cfg.patch_size), dtype)
+
+  @staticmethod
   def post_init(params: dict, model_cfg) -> dict:
     """BEiT's init (``VisionTransformerForCyclicalTraining``): truncated-normal (±1 std, std
     0.02) Linear weights with zero biases everywhere, including the regression head
@@ -109,7 +115,11 @@ class Vision(Modality):
   def mask_fn(mask_cfg):
     """Host masking policy: one BEiT block mask per image (fairseq-spec §2.7) with exactly
     ``num_masking_patches`` patches, computed in the data workers (picklable)."""
-    from d2vjax.data import image  # pylint: disable=g-import-not-at-top
+    from d2vjax.data import image, multimask  # pylint: disable=g-import-not-at-top
+    if multimask.is_multi_mask(mask_cfg):
+      # data2vec 2.0: M inverse block masks per image, ``mask`` bool [B, M, N] (spec §2.4).
+      return multimask.multi_mask_fn(
+          mask_cfg, functools.partial(patch_positions, patch_size=int(mask_cfg["patch_size"])))
     return image.beit_mask_fn(mask_cfg)
 
   @staticmethod
@@ -134,3 +144,9 @@ class Vision(Modality):
   def batch_units(batch: dict) -> float:
     """Images in a host batch."""
     return float(batch["image"].shape[0])
+
+
+def patch_positions(batch: dict, patch_size: int) -> tuple[int, int]:
+  """(rows, patches) of a host batch: the maskable positions of data2vec 2.0."""
+  b, h, w = batch["image"].shape[:3]
+  return b, (h // patch_size) * (w // patch_size)

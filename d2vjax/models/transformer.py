@@ -41,6 +41,9 @@ class EncoderConfig:
   # Post-LN encoders normalise the input before the first layer (wav2vec2, spec §11.26); text
   # keeps that LayerNorm in its embedding instead (fairseq layernorm_embedding, spec §4.2).
   input_layer_norm: bool = True
+  # Dropout on the encoder input; None = ``dropout`` (wav2vec2). data2vec 2.0's trunk has its own
+  # (``dropout_input`` 0, spec §1.6/§8.1) while its blocks use encoder_dropout 0.1.
+  input_dropout: Optional[float] = None
   layer_scale: float = 0.0  # > 0: per-channel residual gains initialised to this (BEiT)
   drop_path: float = 0.0  # stochastic depth, rising linearly from 0 to this over the layers
   qkv_bias: str = "qkv"  # 'qkv' (fairseq) | 'qv' (BEiT: no key bias)
@@ -198,7 +201,8 @@ class TransformerEncoder(nn.Module):
       x = x + pos(x, padding_mask)
     if not cfg.layer_norm_first and cfg.input_layer_norm:
       x = layers.LayerNorm(cfg.norm_eps, name="layer_norm")(x)
-    x = nn.Dropout(cfg.dropout)(x, deterministic=not train)
+    in_drop = cfg.dropout if cfg.input_dropout is None else cfg.input_dropout
+    x = nn.Dropout(in_drop)(x, deterministic=not train)
     x = _constrain(x, cfg)
     if cfg.attn_bias != "none":
       # One bias table shared by every layer (BEiT's shared relative position bias).

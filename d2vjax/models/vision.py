@@ -23,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from d2vjax import registry
+from d2vjax.models import d2v2, layers
 
 __all__ = ["TRUNC_STD", "TRUNC_INIT", "to_trunc_normal", "ImageFrontend", "PatchEmbed",
-           "BeitSharedRelativePositionBias", "relative_position_index", "grid_from_tokens"]
+           "BeitSharedRelativePositionBias", "relative_position_index", "grid_from_tokens",
+           "PatchFrontend"]
 
 TRUNC_STD = 0.02
 # timm trunc_normal_(std=.02, a=-std, b=std) as called by BEiT (modeling_cyclical.py).
@@ -122,11 +124,13 @@ class PatchEmbed(nn.Module):
   """Conv2d(3 → D, kernel = stride = ``patch_size``) over NHWC images → ``[B, N, D]``, patches in
   row-major grid order (index ``h·Gw + w``, as PyTorch's ``flatten(2).transpose(1, 2)``).
 
-  Init: BEiT's truncated normal (``TRUNC_INIT``) weight, zero bias.
+  Init: BEiT's truncated normal (``TRUNC_INIT``) weight, zero bias (default), or data2vec 2.0's
+  xavier-uniform weight with PyTorch's default bias (``xavier=True``, spec §1.8).
   """
   dim: int
   patch_size: int = 16
   dtype: jnp.dtype = jnp.float32
+  xavier: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -134,8 +138,13 @@ class PatchEmbed(nn.Module):
     if images.ndim != 4 or images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f"PatchEmbed: images must be [B, H, W, C] with H, W multiples of {p}, "
                        f"got {images.shape}")
-    x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", kernel_init=TRUNC_INIT,
-                bias_init=nn.initializers.zeros, dtype=self.dtype, name="proj")(
+    if self.xavier:  # on PyTorch's (out, in·p·p) view of the kernel
+      kernel_init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3)
+      bias_init = layers.torch_default_bias(images.shape[-1] * p * p)
+    else:
+      kernel_init, bias_init = TRUNC_INIT, nn.initializers.zeros
+    x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", kernel_init=kernel_init,
+                bias_init=bias_init, dtype=self.dtype, name="proj")(
                     images.astype(self.dtype))
     b, gh, gw, d = x.shape
     return x.reshape(b, gh * gw, d)
@@ -172,4 +181,28 @@ class ImageFrontend(nn.Module):
       x = jnp.where(mask[:, 1:, None], mask_token.astype(x.dtype), x)
     b = x.shape[0]
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.dim)), x], axis=1)
+    return {"features": x, "padding_mask": jnp.zeros(x.shape[:2], bool)}
+
+
+class PatchFrontend(nn.Module):
+  """data2vec 2.0 image local encoder (fairseq-spec §6.2): xavier-initialised patch embedding plus
+  MAE's FIXED 2-D sin-cos positions (not a parameter, so the teacher always has the same ones),
+  added before masking; no CLS (the context encoder prepends it after masking).
+
+  Call: ``inputs['image']`` float32 ``[B, H, W, 3]`` → ``{'features': [B, N, D],
+  'padding_mask': bool zeros [B, N]}``, N = (H/p)·(W/p) on a square grid.
+  """
+  dim: int
+  patch_size: int = 16
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: dict, train: bool = False) -> dict:
+    del train
+    x = PatchEmbed(self.dim, self.patch_size, self.dtype, xavier=True,
+                   name="patch_embed")(inputs["image"])
+    side = math.isqrt(x.shape[1])
+    if side * side != x.shape[1]:
+      raise ValueError(f"PatchFrontend needs square images, got {inputs['image'].shape}")
+    x = x + jnp.asarray(d2v2.sincos_2d(side, self.dim), x.dtype)[None]
     return {"features": x, "padding_mask": jnp.zeros(x.shape[:2], bool)}
