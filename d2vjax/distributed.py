@@ -13,9 +13,12 @@ Must run before any JAX computation.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 
 import jax
+import numpy as np
 
 
 def _explicit(coordinator, num_processes, process_id):
@@ -56,3 +59,50 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num,
                                process_id=pid)
   return True
+
+
+def fingerprint(*objs) -> str:
+  """sha256 hex digest of plain data: dataclasses (field by field), NumPy arrays (dtype, shape,
+  bytes), sequences, dicts, and scalars/strings by ``repr``. Equal on every host for equal data,
+  unlike ``hash()`` (salted per process)."""
+  h = hashlib.sha256()
+
+  def feed(o):
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+      h.update(type(o).__name__.encode())
+      for f in dataclasses.fields(o):
+        feed(getattr(o, f.name))
+    elif isinstance(o, np.ndarray):
+      h.update(f"{o.dtype}{o.shape}".encode())
+      h.update(np.ascontiguousarray(o).tobytes())
+    elif isinstance(o, dict):
+      feed(sorted(o.items(), key=lambda kv: repr(kv[0])))
+    elif isinstance(o, (list, tuple)):
+      h.update(b"[")
+      for x in o:
+        feed(x)
+      h.update(b"]")
+    else:
+      h.update(repr(o).encode())
+    h.update(b";")
+
+  for o in objs:
+    feed(o)
+  return h.hexdigest()
+
+
+def check_same_across_processes(digest: str, what: str) -> None:
+  """Raises in EVERY process if the hex ``digest`` differs between processes (a collective: all
+  processes must call it). Hosts that cut different global batch plans would otherwise run
+  different step counts or shapes and hang in a collective (user-needs D1)."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  mine = np.frombuffer(bytes.fromhex(digest), np.uint8)
+  everyone = np.asarray(multihost_utils.process_allgather(mine))
+  differ = [p for p in range(everyone.shape[0]) if not np.array_equal(everyone[p], everyone[0])]
+  if differ:
+    raise RuntimeError(
+        f"{what} differs between processes: process(es) {differ} disagree with process 0 "
+        f"(this is process {jax.process_index()}, digest {digest[:12]}). Every host must list "
+        "the same examples (same manifest / folder / tfds split) so all walk one global plan")

@@ -7,6 +7,7 @@ objective-specific comes from the registry (``config.modality``, ``config.object
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -39,29 +40,43 @@ def _host_batch(batch: dict) -> tuple[dict, dict]:
   return {k: v for k, v in batch.items() if not k.startswith("_")}, meta
 
 
-def run(config, workdir: str) -> int:
-  """Trains according to ``config`` in ``workdir``; resumes from the newest checkpoint there.
+@dataclasses.dataclass
+class Setup:
+  """What ``build`` derives from a config before any data is loaded or state created: the mesh,
+  the objective, the data plan, the abstract state with its shardings, and the jitted
+  step. ``run`` trains with it; ``bench/aot_memory.py`` compiles its step ahead of time."""
+  mesh: Any
+  objective: Any
+  examples: Any
+  skipped: dict
+  plan: Any
+  total_steps: int
+  rng: jax.Array
+  init_fn: Any
+  state_shape: Any
+  state_sharding: Any
+  batch_sharding: NamedSharding
+  row_multiple: int
+  total_params: int
+  train_step: sharding.MeshStep
 
-  Returns the process exit code: 0 when finished (or preempted after saving), 3 when the collapse
-  guard stopped the run (after saving).
-  """
-  os.makedirs(workdir, exist_ok=True)
-  logging.info("config:\n%s", config)
+  @property
+  def modality(self):
+    return self.objective.modality
 
-  # ------------------------------------------------------------------ devices
-  devices = jax.devices()
-  n_dev = config.num_devices or len(devices)
-  if n_dev > len(devices):
-    raise ValueError(f"num_devices={n_dev} but only {len(devices)} devices are visible")
-  mesh = sharding.make_mesh(config.mesh, devices[:n_dev])
+
+def build(config, devices) -> Setup:
+  """Mesh over ``devices`` (``config.mesh``, ``config.dcn_mesh``), data plan, model, optimizer,
+  sharded abstract state and the jitted, mesh-aware, compile-counting train step."""
+  mesh = sharding.make_mesh(config.mesh, devices, config.get("dcn_mesh", ()))
   replicated = NamedSharding(mesh, P())
   batch_sharding = sharding.batch_sharding(mesh)
   # Every micro-batch must split evenly over the data-parallel devices.
   row_multiple = sharding.batch_size_multiple(mesh) * config.accum_steps
-  process_index, process_count = jax.process_index(), jax.process_count()
-  print(f"mesh {dict(mesh.shape)} over {n_dev} devices, {process_count} process(es)", flush=True)
+  print(f"mesh {dict(mesh.shape)} over {mesh.devices.size} devices, {jax.process_count()} "
+        "process(es)", flush=True)
 
-  # ------------------------------------------------------------------ data (host, NumPy)
+  # ------------------------------------------------------------------ data plan (host, NumPy)
   objective = registry.get("objective", config.objective)(config)
   modality = objective.modality
   examples, skipped = modality.examples(config.data, "train")
@@ -93,29 +108,63 @@ def run(config, workdir: str) -> int:
   rows, total_params = metrics_lib.parameter_table(state_shape["params"])
   print(metrics_lib.format_parameter_table(rows, total_params), flush=True)
 
+  # ------------------------------------------------------------------ jitted step
+  step_fn = step_lib.make_train_step(objective, tx, lr_fn, ema_cfg, config.seed,
+                                     config.accum_steps)
+  max_compiles = config.get("max_step_compiles", 0) or len(shapes)
+  train_step = sharding.MeshStep(step_fn, mesh, in_shardings=(state_sharding, batch_sharding),
+                                 out_shardings=(state_sharding, replicated), donate_argnums=(0,),
+                                 max_compiles=max_compiles, name="train step")
+  return Setup(mesh, objective, examples, skipped, plan, total_steps, rng, init_fn,
+               state_shape, state_sharding, batch_sharding, row_multiple, total_params,
+               train_step)
+
+
+def abstract_state(setup: Setup):
+  """The train state as ``ShapeDtypeStruct``s carrying their shardings (restore / AOT target)."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      setup.state_shape, setup.state_sharding)
+
+
+def run(config, workdir: str) -> int:
+  """Trains according to ``config`` in ``workdir``; resumes from the newest checkpoint there.
+
+  Returns the process exit code: 0 when finished (or preempted after saving), 3 when the collapse
+  guard stopped the run (after saving).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  logging.info("config:\n%s", config)
+
+  devices = jax.devices()
+  n_dev = config.num_devices or len(devices)
+  if n_dev > len(devices):
+    raise ValueError(f"num_devices={n_dev} but only {len(devices)} devices are visible")
+  setup = build(config, devices[:n_dev])
+  modality, examples, total_steps = setup.modality, setup.examples, setup.total_steps
+  total_params, train_step, batch_sharding = setup.total_params, setup.train_step, \
+      setup.batch_sharding
+  process_index, process_count = jax.process_index(), jax.process_count()
+  # All hosts must cut the same global batches (same count per epoch, same shapes): fail loudly
+  # in every process, before any step, if their example lists differ.
+  distributed.check_same_across_processes(
+      distributed.fingerprint(setup.plan, len(examples)), "the global batch plan")
+
   # ------------------------------------------------------------------ checkpoint / resume
   manager = checkpointing.make_manager(
       os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
       save_interval_steps=config.ckpt_every, async_save=config.async_checkpointing)
   data_iter = modality.make_iterator(
-      config.data, examples=examples, seed=config.data.seed, batch_multiple=row_multiple,
+      config.data, examples=examples, seed=config.data.seed, batch_multiple=setup.row_multiple,
       process_index=process_index, process_count=process_count,
       batch_fn=modality.mask_fn(config.masking))
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          state_shape, state_sharding)
+  abstract = abstract_state(setup)
   restored = checkpointing.restore_latest(manager, abstract, data_iter=data_iter)
   if restored is not None:
     state, start_step = restored
     print(f"resumed from step {start_step} in {workdir}", flush=True)
   else:
-    state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+    state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(setup.rng)
     start_step = 0
-
-  # ------------------------------------------------------------------ jitted step
-  step_fn = step_lib.make_train_step(objective, tx, lr_fn, ema_cfg, config.seed,
-                                     config.accum_steps)
-  train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
-                       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
   # ------------------------------------------------------------------ loop
   writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard)
@@ -125,11 +174,13 @@ def run(config, workdir: str) -> int:
   guard = metrics_lib.CollapseGuard(config.guard.min_value, config.guard.patience,
                                     key=config.guard.key)
   nonfinite = metrics_lib.NonFiniteCounter()
-  bad_counts: dict[str, int] = dict(skipped)
+  bad_counts: dict[str, int] = dict(setup.skipped)
   preemption = checkpointing.PreemptionHandler().install()
   exit_code, stop_reason = 0, "finished"
   compile_s = None
   last_scalars: dict[str, float] = {}
+  # Last logged losses, in every process's summary (hosts must agree step by step).
+  recent_losses: collections.deque = collections.deque(maxlen=16)
   step = start_step
   try:
     while step < total_steps:
@@ -157,8 +208,10 @@ def run(config, workdir: str) -> int:
           scalars.update({f"bad/{k}": v for k, v in bad_counts.items()})
           scalars.update(progress.summary())
           scalars["nonfinite_total"] = nonfinite.total
+          scalars["compiles"] = train_step.compiles
           writer.write_scalars(log_step, scalars)
           last_scalars = scalars
+          recent_losses.append((log_step, scalars.get("loss")))
           message = guard.check(log_step, scalars) if log_step >= config.guard.start_step else None
           if message:
             print(message, flush=True)
@@ -176,6 +229,7 @@ def run(config, workdir: str) -> int:
     if tail is not None:
       writer.write_scalars(tail[0], tail[1])
       last_scalars = tail[1]
+      recent_losses.append((tail[0], tail[1].get("loss")))
     checkpointing.save(manager, step, state, data_iter=data_iter, config=config, force=True)
     checkpointing.wait(manager)
   finally:
@@ -191,8 +245,10 @@ def run(config, workdir: str) -> int:
     export.export_workdir(workdir, out)
     print(f"exported student params to {out}", flush=True)
   summary = {"stop_reason": stop_reason, "step": step, "compile_s": compile_s,
+             "compiles": train_step.compiles,
              "total_params": total_params, "bad_inputs": bad_counts,
-             "last_loss": last_scalars.get("loss"), "process_index": process_index,
+             "last_loss": last_scalars.get("loss"), "recent_losses": list(recent_losses),
+             "process_index": process_index,
              **progress.summary()}
   # One summary per process: every host reports its own view (identical losses expected).
   name = "summary.json" if process_index == 0 else f"summary.p{process_index}.json"
