@@ -153,6 +153,22 @@ def run_fields(c: ml_collections.ConfigDict, total_steps: int) -> None:
       patience=3,  # consecutive logged windows below the threshold
       start_step=0,  # fairseq arms its guard after 5000 updates; the window average is robust
   ))
+  c.probe = probe_fields()
+
+
+def probe_fields(every: int = 0, *, train_split: str = "train", valid_split: str = "valid",
+                 max_train: int = 128, max_valid: int = 32, layer: int = -1, steps: int = 300,
+                 lr: float = 1e-2, buckets=None) -> ml_collections.ConfigDict:
+  """The ``config.probe`` section (``d2vjax/probe.py``): every ``every`` steps (0 = off) fit a
+  linear probe on the frozen features of ``max_train`` labelled examples of ``train_split`` and
+  score it on ``max_valid`` of ``valid_split`` (speech: CTC letters, CER/WER; images and text:
+  classes, accuracy). ``layer``: 0 = the Transformer's input, L = -1 its output. ``steps``, ``lr``:
+  full-batch Adam on the head. ``buckets``: padded lengths in the modality's units (speech
+  samples), None = the provider's default."""
+  return ml_collections.ConfigDict(dict(
+      every=every, train_split=train_split, valid_split=valid_split, max_train=max_train,
+      max_valid=max_valid, layer=layer, steps=steps, lr=lr,
+      buckets=_placeholder(list) if buckets is None else list(buckets)))
 
 
 def speech_model(size: str, **overrides) -> ml_collections.ConfigDict:

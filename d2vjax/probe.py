@@ -33,7 +33,8 @@ import optax
 from d2vjax import asr, registry, sharding
 from d2vjax.objectives import ctc as ctc_lib
 
-__all__ = ["ProbeData", "Features", "Prober", "make_prober", "fit_ctc", "fit_classify"]
+__all__ = ["ProbeData", "Features", "Prober", "make_prober", "fit_ctc", "fit_classify",
+           "encode_all", "resolve_layer", "fill_batches", "first"]
 
 
 @dataclasses.dataclass
@@ -276,19 +277,6 @@ def make_prober(config, objective, batch_sharding=None, batch_multiple: int = 1
                        f"(modality {config.modality!r}); set probe.every=0 to disable probes")
   return Prober(objective, probe_cfg, train, valid, batch_sharding=batch_sharding,
                 seed=int(config.get("seed", 0)))
-
-
-def probe_fields(every: int = 0, *, train_split: str = "train", valid_split: str = "valid",
-                 max_train: int = 128, max_valid: int = 32, layer: int = -1, steps: int = 300,
-                 lr: float = 1e-2, buckets=None) -> Any:
-  """The ``config.probe`` section (``every`` 0 = off; ``buckets``: padded lengths in the
-  modality's input units, e.g. samples for speech, None = the provider's default)."""
-  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(dict(
-      every=every, train_split=train_split, valid_split=valid_split, max_train=max_train,
-      max_valid=max_valid, layer=layer, steps=steps, lr=lr,
-      buckets=config_dict.placeholder(list) if buckets is None else list(buckets)))
 
 
 def fill_batches(dummy_batch: Callable[[int], dict], items: Sequence, fill: Callable[[dict, int, Any],

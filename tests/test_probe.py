@@ -100,7 +100,7 @@ def test_speech_probe_on_embedded_corpus_with_a_random_model():
   c = configs_lib.data2vec_speech("base")
   configs_lib.test_preset(c)
   # One 8 s bucket: one compiled encoder program (the embedded clips are 2 … 7.1 s).
-  c.probe = probe.probe_fields(every=2, max_train=6, max_valid=3, layer=1, steps=20,
+  c.probe = configs_lib.probe_fields(every=2, max_train=6, max_valid=3, layer=1, steps=20,
                                buckets=[128000])
   train = registry.get("probe_data", "speech")(c, "train", 6, 2)
   valid = registry.get("probe_data", "speech")(c, "valid", 3, 2)
@@ -128,7 +128,7 @@ def test_probe_off_and_missing_labels():
   c = configs_lib.data2vec_speech("base")
   configs_lib.test_preset(c)
   assert probe.make_prober(c, None) is None  # no probe section: off
-  c.probe = probe.probe_fields(every=5, train_split="nonexistent_split")
+  c.probe = configs_lib.probe_fields(every=5, train_split="nonexistent_split")
   with pytest.raises((ValueError, FileNotFoundError, KeyError)):
     probe.make_prober(c, registry.get("objective", c.objective)(c))
 
@@ -158,7 +158,7 @@ def test_vision_probe_reads_an_image_folder_with_the_eval_view(tmp_path):
   c = configs_vision.data2vec_vision("base")
   configs_vision.test_preset(c)
   c.data.source, c.data.folder = "folder", str(tmp_path)
-  c.probe = probe.probe_fields(every=2, valid_split="valid", max_train=24, max_valid=12,
+  c.probe = configs_lib.probe_fields(every=2, valid_split="valid", max_train=24, max_valid=12,
                                steps=100, lr=0.05)
   prober, scores = _prober_accuracy(c)
   assert sorted(prober.train_data.targets) == [0] * 12 + [1] * 12  # blue = 0, red = 1
@@ -195,7 +195,7 @@ def test_text_probe_reads_tsv_sentence_labels(tmp_path):
   write(tmp_path / "dev.tsv", 10)
   c = configs_text.data2vec_text("base")
   configs_text.text_test_preset(c)
-  c.probe = probe.probe_fields(every=2, train_split=str(tmp_path / "train.tsv"),
+  c.probe = configs_lib.probe_fields(every=2, train_split=str(tmp_path / "train.tsv"),
                                valid_split=str(tmp_path / "dev.tsv"), max_train=24, max_valid=10,
                                steps=100, lr=0.05)
   prober, scores = _prober_accuracy(c)
