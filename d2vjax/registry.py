@@ -3,7 +3,9 @@ by name from the config instead of ``if modality == ...`` ladders.
 
 Kinds in use: ``modality`` (feature encoder + masking policy + target-norm defaults), ``objective``
 (loss + teacher scope), ``pos_encoder`` (positional encoders the shared Transformer can host),
-``probe`` (linear probe heads) and ``probe_data`` (labelled subsets per modality for the probes).
+``probe`` (linear probe heads), ``probe_data`` (labelled subsets per modality for the probes),
+``finetune_task`` (what ``finetune.py`` needs per fine-tuning objective: data, labels, evaluation)
+and ``cls_head`` (pooling + classification heads).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ _REGISTRY: dict[str, dict[str, Any]] = {}
 # lazily on the first lookup, so `import d2vjax.registry` stays cheap, import cycles cannot form,
 # and a new modality/objective/model file needs no edit here.
 _BUILTIN_PACKAGES = ("d2vjax.models", "d2vjax.modalities", "d2vjax.objectives",
-                     "d2vjax.probes")
+                     "d2vjax.probes", "d2vjax.tasks")
 
 
 def register(kind: str, name: str) -> Callable[[Any], Any]:

@@ -1,0 +1,103 @@
+"""Per-step bookkeeping shared by the pre-training (``train.py``) and fine-tuning
+(``finetune.py``) loops: host metadata and bad-input counts, throughput units, the first step's
+compile time, the metric buffer, the progress line and the periodic log flush.
+
+The loops differ in what they do around a step (collapse guard, validation, best checkpoint);
+what every step costs in bookkeeping lives here once.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+
+from d2vjax import metrics as metrics_lib
+from d2vjax import sharding
+
+
+class StepLog:
+  """Bookkeeping of one training loop.
+
+  Args:
+    writer: the run's ``metrics.MetricWriter``.
+    total_steps: updates in the run (for the progress line and the last log flush).
+    unit: throughput unit of the modality (``Modality.unit``).
+    start_step: first step of this process run (after a resume).
+    bad_counts: counts of inputs skipped before the loop (reason → count); per-batch ``_bad``
+      counts are added to it.
+    total_params: logged with the compile time.
+    sum_keys: metrics summed (not averaged) over a log window, besides ``nonfinite``.
+  """
+
+  def __init__(self, writer, total_steps: int, unit: str, start_step: int, *,
+               bad_counts: dict | None = None, total_params: int = 0, sum_keys=()):
+    self.writer = writer
+    self.total_steps = int(total_steps)
+    self.total_params = total_params
+    self.buffer = metrics_lib.MetricBuffer(sum_keys=("nonfinite",) + tuple(sum_keys))
+    self.progress = metrics_lib.Progress(total_steps, unit=unit, start_step=start_step)
+    self.nonfinite = metrics_lib.NonFiniteCounter()
+    self.bad_counts: dict[str, int] = dict(bad_counts or {})
+    self.compile_s: float | None = None
+
+  def device_batch(self, raw: dict, batch_sharding, units_fn: Callable[[dict], float],
+                   process_count: int = 1) -> tuple[dict, float]:
+    """A pipeline batch → (global device arrays, global units): host metadata (keys starting
+    with '_') is stripped and its ``_bad`` counts added up."""
+    host = {k: v for k, v in raw.items() if not k.startswith("_")}
+    for reason, n in raw.get("_bad", {}).items():
+      self.bad_counts[reason] = self.bad_counts.get(reason, 0) + int(n)
+    units = units_fn(host) * process_count
+    return sharding.global_batch(host, batch_sharding), units
+
+  def run_step(self, step_fn: Callable, state, batch, step: int, units: float):
+    """``state, metrics = step_fn(state, batch)`` as update ``step`` (1-based, after the call);
+    the first call is timed to completion (compile + run) and logged."""
+    t0 = time.perf_counter()
+    state, step_metrics = step_fn(state, batch)
+    if self.compile_s is None:
+      jax.block_until_ready(step_metrics)
+      self.compile_s = time.perf_counter() - t0
+      self.writer.write_scalars(step, {"compile_s": self.compile_s,
+                                       "total_params": self.total_params})
+      print(f"first step (compile + run): {self.compile_s:.1f} s; params: {self.total_params}",
+            flush=True)
+    self.buffer.add(step, step_metrics)
+    self.progress.update(step, units)
+    return state, step_metrics
+
+  def maybe_log(self, step: int, log_every: int, extra: dict[str, Any] | None = None
+                ) -> tuple[int, dict] | None:
+    """Every ``log_every`` steps (and at the last): the averaged window of the step before
+    (the newest stays pending, so the device never stalls) with bad-input counts, progress,
+    non-finite totals and ``extra``, written. Returns ``(log_step, scalars)`` or None."""
+    if step % log_every and step != self.total_steps:
+      return None
+    flushed = self.buffer.flush()
+    if flushed is None:
+      return None
+    log_step, scalars = flushed
+    self.nonfinite.update(scalars)
+    scalars.update({f"bad/{k}": v for k, v in self.bad_counts.items()})
+    scalars.update(self.progress.summary())
+    scalars["nonfinite_total"] = self.nonfinite.total
+    scalars.update(extra or {})
+    self.writer.write_scalars(log_step, scalars)
+    return log_step, scalars
+
+  def drain(self) -> tuple[int, dict] | None:
+    """Writes whatever is still buffered (after the loop); returns it or None."""
+    tail = self.buffer.drain()
+    if tail is not None:
+      self.writer.write_scalars(tail[0], tail[1])
+    return tail
+
+  def summary(self) -> dict:
+    """Compile time, bad inputs and throughput for the run summary."""
+    return {"compile_s": self.compile_s, "total_params": self.total_params,
+            "bad_inputs": self.bad_counts, **self.progress.summary()}
+
+  def close(self) -> None:
+    self.progress.close()
