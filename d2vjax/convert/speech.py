@@ -144,6 +144,9 @@ def derive(c, state: dict, ckcfg: dict | None, fmt: str, report) -> None:
     if ck.get("conv_stride") and list(ck["conv_stride"]) != [s for *_, s in audio.CONV_LAYERS]:
       raise ValueError(f"config.json conv_stride {ck['conv_stride']}: d2vjax implements "
                        f"{[s for *_, s in audio.CONV_LAYERS]}")
+    if eps is not None and float(eps) != 1e-5:
+      raise ValueError(f"config.json layer_norm_eps={eps}: d2vjax's CNN and feature LayerNorms "
+                       "use 1e-5 (fairseq)")
     groups = ck.get("num_codevector_groups")
   else:
     heads, ln_first, eps = ck.get("encoder_attention_heads"), ck.get("layer_norm_first"), None

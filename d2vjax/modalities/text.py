@@ -27,7 +27,9 @@ class Text(Modality):
     return text.TextEmbedding(dim, vocab_size=int(model_cfg.vocab_size),
                               max_positions=int(model_cfg.max_positions),
                               padding_idx=int(model_cfg.padding_idx),
-                              teacher_view=model_cfg.get("teacher_input", "full"), dtype=dtype)
+                              teacher_view=model_cfg.get("teacher_input", "full"),
+                              # One epsilon for every LayerNorm, as in fairseq and HF RoBERTa.
+                              norm_eps=float(model_cfg.encoder.get("norm_eps", 1e-5)), dtype=dtype)
 
   @staticmethod
   def student_inputs(batch: dict) -> dict:
