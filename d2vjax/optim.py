@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from d2vjax.ema import path_str
@@ -95,6 +96,57 @@ def _labels(params, frozen: Sequence[str]):
       lambda p, _: "frozen" if any(r.fullmatch(path_str(p)) for r in regs) else "train", params)
 
 
+def layer_decay_scale(path: str, shape: tuple, decay: float, num_blocks: int,
+                      blocks: str = "encoder/layers") -> np.ndarray | float:
+  """Layer-wise learning-rate scale of one parameter (fairseq-spec §9.2, BEiT/MAE fine-tuning).
+
+  With ``n = num_blocks + 1``, block ``i`` (1-based) gets ``decay ** (n - i)``, so the last block
+  has ``decay`` and the first ``decay ** num_blocks``; every other parameter (embeddings, CLS,
+  norms outside the blocks, heads) keeps 1, as the data2vec-multi branch of fairseq's
+  ``mae_image_classification`` does. Blocks are the subtrees ``{blocks}_<k>`` (unrolled, k from
+  0) or ``{blocks}`` scanned with the block index on axis 0; for the latter the scale is an array
+  broadcasting against the leaf (``[L, 1, …]``).
+  """
+  n = num_blocks + 1
+  m = re.fullmatch(re.escape(blocks) + r"_(\d+)/.*", path)
+  if m:
+    return float(decay ** (n - (int(m.group(1)) + 1)))
+  if path.startswith(blocks + "/"):
+    i = np.arange(1, shape[0] + 1, dtype=np.float64)
+    return (decay ** (n - i)).astype(np.float32).reshape((-1,) + (1,) * (len(shape) - 1))
+  return 1.0
+
+
+def count_blocks(params, blocks: str = "encoder/layers") -> int:
+  """Blocks of a param tree: ``{blocks}_<k>`` subtrees, or the leading axis of a scanned
+  ``{blocks}`` subtree (0 when there are none)."""
+  found, stacked = set(), 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    s = path_str(path)
+    m = re.fullmatch(re.escape(blocks) + r"_(\d+)/.*", s)
+    if m:
+      found.add(int(m.group(1)))
+    elif s.startswith(blocks + "/"):
+      stacked = int(np.shape(leaf)[0])
+  return max(len(found), stacked)
+
+
+def scale_by_layer_decay(decay: float, num_blocks: int, blocks: str = "encoder/layers"
+                         ) -> optax.GradientTransformation:
+  """Multiplies each update by ``layer_decay_scale``. Placed after AdamW it scales the learning
+  rate of both the Adam step and the decoupled weight decay, as a per-group ``lr_scale`` does in
+  fairseq's composite optimizer and timm (spec §7.1)."""
+
+  def update(updates, state, params=None):
+    del params
+    out = jax.tree_util.tree_map_with_path(
+        lambda p, u: u * jnp.asarray(layer_decay_scale(path_str(p), u.shape, decay, num_blocks,
+                                                       blocks), u.dtype), updates)
+    return out, state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg, lr_fn: Callable, params, frozen: Sequence[str] = ()):
   """optax chain: global-norm clipping (``clip_norm`` > 0) → AdamW(b1, b2, eps, weight_decay).
 
@@ -102,6 +154,8 @@ def make_optimizer(cfg, lr_fn: Callable, params, frozen: Sequence[str] = ()):
   parameters without gradients, e.g. the CNN when ``feature_grad_mult`` is 0). Leaves whose path
   matches a ``cfg.no_decay`` regex (optional; fairseq decays everything, BEiT exempts biases,
   norms, layer-scale gains, extra learned tokens) get the Adam update without weight decay.
+  ``cfg.layer_decay`` (optional, 1 = off) scales the learning rate per Transformer block
+  (``scale_by_layer_decay``).
   """
   chain = []
   if cfg.clip_norm > 0:
@@ -112,6 +166,9 @@ def make_optimizer(cfg, lr_fn: Callable, params, frozen: Sequence[str] = ()):
       lambda path, _: not any(r.fullmatch(path_str(path)) for r in no_decay), p))
   chain.append(optax.adamw(lr_fn, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay, mask=decay_mask))
+  decay = float(cfg.get("layer_decay", 1.0) or 1.0)
+  if decay != 1.0:
+    chain.append(scale_by_layer_decay(decay, count_blocks(params)))
   tx = optax.chain(*chain)
   if frozen:
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},

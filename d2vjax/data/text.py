@@ -45,7 +45,8 @@ Batch contract (numpy): ``tokens`` int32 ``[B, T]`` (``<pad>``-padded), ``paddin
 ``[B, T]`` (True = pad), plus what ``batch_fn`` adds (``TextMaskFn``: ``masked_tokens`` int32
 ``[B, T]``, ``mask`` bool ``[B, T]``). Host metadata (stripped by the trainer): ``_bad`` {reason:
 count} of unreadable blocks replaced in this batch, ``_valid_tokens`` int64 [B], ``_row_offset``,
-``_global_rows``, ``_keys`` (``doc@offset``), ``_epoch``, ``_index``.
+``_global_rows``, ``_keys`` (``doc@offset``), ``_epoch``, ``_index``, and ``_labels`` float64
+``[B]`` when the examples carry ``labels`` (``data.labelled.SentenceExamples``).
 
 Bad inputs are counted, never fatal: lines that are not UTF-8 (``invalid_utf8``, skipped), blank
 lines that separate nothing (``empty_line``), files without text (``empty_file``), over-long lines
@@ -474,6 +475,9 @@ class _TextBatchLoader:
     tokens = np.full((b, t), PAD_ID, np.int32)
     valid = np.zeros((b,), np.int64)
     bad, keys = collections.Counter(), []
+    # Labelled examples (fine-tuning, ``data.labelled.SentenceExamples``) carry one label each.
+    label_of = getattr(self.examples, "labels", None)
+    labels = np.zeros((b,), np.float64)
     for r in range(b):
       g = row0 + r
       for attempt in range(n):
@@ -491,6 +495,8 @@ class _TextBatchLoader:
       tokens[r, 1:ids.size + 1] = ids
       valid[r] = ids.size + 1
       keys.append(self.examples.key(idx))
+      if label_of is not None:
+        labels[r] = label_of[idx]
     batch = {
         "tokens": tokens,
         "padding_mask": np.arange(t)[None, :] >= valid[:, None],
@@ -502,6 +508,8 @@ class _TextBatchLoader:
         "_epoch": epoch,
         "_index": j,
     }
+    if label_of is not None:
+      batch["_labels"] = labels
     if self.batch_fn is not None:
       # The same generator on every process: hooks draw for all global rows and keep theirs.
       batch = self.batch_fn(np.random.default_rng([_HOOK, self.seed, epoch, j]), batch)

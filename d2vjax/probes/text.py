@@ -6,32 +6,12 @@ strings, numbered in sorted order of the training file's labels.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from d2vjax import probe, registry
 from d2vjax.data import text as text_data
+from d2vjax.data.labelled import read_tsv  # the fine-tuning reader (d2vjax/data/labelled.py)
 from d2vjax.data import tokenizer as tokenizer_lib
-
-
-def read_tsv(path: str) -> list[tuple[str, str]]:
-  """``(label, sentence)`` pairs; blank lines are skipped, a line without a tab is an error
-  naming the file and line."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"text probe file {path!r} does not exist (probe.train_split / "
-                            "probe.valid_split must be label<TAB>sentence files)")
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      line = line.rstrip("\n")
-      if not line.strip():
-        continue
-      if "\t" not in line:
-        raise ValueError(f"{path}:{n}: expected 'label<TAB>sentence', got {line[:60]!r}")
-      label, sentence = line.split("\t", 1)
-      out.append((label.strip(), sentence))
-  return out
 
 
 @registry.register("probe_data", "text")
