@@ -227,6 +227,7 @@ def run(config, workdir: str) -> int:
     # Whatever stopped the loop, nothing already trained is lost.
     tail = buffer.drain()
     if tail is not None:
+      tail[1]["compiles"] = train_step.compiles
       writer.write_scalars(tail[0], tail[1])
       last_scalars = tail[1]
       recent_losses.append((tail[0], tail[1].get("loss")))

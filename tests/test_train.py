@@ -65,9 +65,11 @@ def test_run_end_to_end_on_8_devices(tmp_path):
     assert np.isfinite(r["loss"]) and r["target_var"] > 0.1
     assert 0.2 < r["masked_frac"] < 0.6  # span masks on 49-frame rows
   assert any("compile_s" in r for r in rows)
+  assert [r["compiles"] for r in logged] == [1] * 6  # one bucket: one step program, ever
   assert checkpointing.latest_step(os.path.join(workdir, "checkpoints")) == 6
   summary = json.load(open(os.path.join(workdir, "summary.json")))
   assert summary["stop_reason"] == "finished" and summary["step"] == 6
+  assert summary["compiles"] == 1
 
   # Export → load → same encoder outputs as the checkpointed params.
   out = os.path.join(workdir, "export", "params.msgpack")
@@ -195,6 +197,34 @@ def test_compiled_programs_bounded_by_buckets(tmp_path):
   assert np.isfinite(float(m["loss"]))
   assert step._cache_size() == len(seen) <= 3
   chex.clear_trace_counter()
+
+
+def test_trainer_step_compile_bound_defaults_to_the_plan_and_follows_the_config():
+  """``train.build``'s step: the bound is the plan's shape count unless ``max_step_compiles`` is
+  set; with 1, a second batch shape from the real pipeline is refused at trace time (lowering
+  traces without compiling, so nothing big runs here)."""
+  from d2vjax import sharding
+  c = _test_config()
+  c.data.buckets = [32000, 40000, 48000]
+  c.data.budget_samples = 2 * 48000
+  setup = train.build(c, jax.devices()[:1])
+  assert setup.train_step.max_compiles == len(setup.plan.shapes()) == 3
+  c.max_step_compiles = 1
+  setup = train.build(c, jax.devices()[:1])
+  it = setup.modality.make_iterator(c.data, examples=setup.examples, batch_multiple=1,
+                                    batch_fn=setup.modality.mask_fn(c.masking))
+  shapes = {}
+  while len(shapes) < 2:
+    host, _ = train._host_batch(next(it))
+    shapes.setdefault(host["audio"].shape, host)
+  abstract = train.abstract_state(setup)
+  first, second = [{k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.items()}
+                   for b in shapes.values()]
+  setup.train_step.lower(abstract, first)
+  setup.train_step.lower(abstract, first)  # same signature: no new program
+  assert setup.train_step.compiles == 1
+  with pytest.raises(sharding.CompileLimitError, match="max_step_compiles=1"):
+    setup.train_step.lower(abstract, second)
 
 
 def test_collapse_guard_stops_and_saves(tmp_path):
