@@ -32,14 +32,14 @@ def hf_family(config) -> tuple:
   return mod, model_type
 
 
-def _template(hf_cfg: dict) -> dict:
+def _template(hf_cfg: dict, model_kwargs: dict) -> dict:
   """Key → shape of the HF model that ``hf_cfg`` describes (built on the meta device)."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   cfg = transformers.AutoConfig.for_model(**hf_cfg)
   cls = getattr(transformers, hf_cfg["architectures"][0])
   with torch.device("meta"):
-    model = cls(cfg)
+    model = cls(cfg, **model_kwargs)
   return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -47,7 +47,7 @@ def to_hf_state(params: dict, config) -> tuple[dict, dict]:
   """(HF state dict of float32 numpy arrays, config.json dict) for d2vjax ``params``."""
   mod, model_type = hf_family(config)
   hf_cfg = mod.hf_config(config, model_type)
-  template = _template(hf_cfg)
+  template = _template(hf_cfg, getattr(mod, "HF_MODEL_KWARGS", {}))
   stripped = mod.strip_prefix({k: np.zeros(s, np.float32) for k, s in template.items()}, "hf")
   full_key = dict(zip(stripped, template))
   flat = {k: np.asarray(v) for k, v in R.flatten(params).items()}

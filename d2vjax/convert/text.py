@@ -20,6 +20,9 @@ _NAMES = {
                     ln=_FS + "layernorm_embedding", layer=_FS + "layers.", names=FAIRSEQ_LAYER),
 }
 TOKEN_TYPE = "embeddings.token_type_embeddings.weight"
+# Exports hold the encoder only: load them with Data2VecTextModel(..., add_pooling_layer=False)
+# (the BERT pooler is a fine-tuning head d2vjax does not have).
+HF_MODEL_KWARGS = {"add_pooling_layer": False}
 
 
 def strip_prefix(state: dict, fmt: str) -> dict:
