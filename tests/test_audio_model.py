@@ -369,6 +369,38 @@ def test_encoder_layer_matches_numpy(layer_norm_first):
   assert np.abs(f_nopad - f)[~pad].max() > 1e-2
 
 
+@pytest.mark.parametrize("layer_norm_first", [False, True])
+def test_layer_result_choices_match_numpy(layer_norm_first):
+  """data2vec Table 4's target types: 'attn' = the self-attention module's output before the
+  residual, 'ffn' = the FFN output before the residual, 'block' = the layer's output."""
+  rng = np.random.default_rng(7)
+  x, pad = _encoder_inputs(rng)
+  got = {}
+  for kind in ("attn", "ffn", "block"):
+    cfg = _encoder_cfg(layer_norm_first=layer_norm_first, layer_result=kind)
+    enc = transformer.TransformerEncoder(cfg)
+    if kind == "attn":
+      shapes = jax.eval_shape(enc.init, jax.random.key(0), x, pad)["params"]
+      p = random_params(shapes, rng, kernel_gain=1.5)
+    got[kind] = np.asarray(jax.jit(enc.apply)({"params": p}, x, pad)[1][0])
+  q = f64(p)
+  layer = jax.tree.map(lambda a: a[0], q["layers"])
+  lnp = lambda n, y: np_ln(y, layer[n]["norm"]["scale"], layer[n]["norm"]["bias"])
+  h = np.where(pad[..., None], 0.0, x.astype(np.float64))
+  if not layer_norm_first:
+    h = np_ln(h, q["layer_norm"]["norm"]["scale"], q["layer_norm"]["norm"]["bias"])
+  attn_in = lnp("self_attn_layer_norm", h) if layer_norm_first else h
+  want_attn = np_mha(attn_in, pad, layer["self_attn"], cfg.num_heads)
+  want_block, want_ffn = np_layer(h, pad, layer, cfg.num_heads, layer_norm_first)
+  np.testing.assert_allclose(got["attn"], want_attn, **TOL)
+  np.testing.assert_allclose(got["ffn"], want_ffn, **TOL)
+  np.testing.assert_allclose(got["block"], want_block, **TOL)
+  assert np.abs(want_attn - want_ffn).max() > 0.1  # three different things
+  with pytest.raises(ValueError, match="layer_result"):
+    bad = transformer.TransformerEncoder(_encoder_cfg(layer_result="residual"))
+    bad.init(jax.random.key(0), x, pad)
+
+
 def test_encoder_scan_equals_unrolled():
   rng = np.random.default_rng(6)
   cfg = _encoder_cfg(num_layers=2, pos_encoder="conv_stack", pos_width=6, pos_depth=2,

@@ -47,7 +47,9 @@ class EncoderConfig:
   layer_scale: float = 0.0  # > 0: per-channel residual gains initialised to this (BEiT)
   drop_path: float = 0.0  # stochastic depth, rising linearly from 0 to this over the layers
   qkv_bias: str = "qkv"  # 'qkv' (fairseq) | 'qv' (BEiT: no key bias)
-  layer_result: str = "ffn"  # what each layer reports: 'ffn' output (data2vec) | 'block' output
+  # What each layer reports (the data2vec targets, data2vec Table 4): 'ffn' output before the
+  # residual (data2vec) | 'attn' self-attention output before the residual | 'block' output.
+  layer_result: str = "ffn"
   attn_bias: str = "none"  # registry kind 'attn_bias' (shared across layers), or 'none'
   pos_encoder: str = "none"  # registry kind 'pos_encoder', or 'none'
   pos_width: int = 128
@@ -145,11 +147,13 @@ class EncoderLayer(nn.Module):
 
     x_in = x
     if cfg.layer_norm_first:
-      x = x + branch(attn(ln1(x), padding_mask, bias), g1)
+      a = attn(ln1(x), padding_mask, bias)
+      x = x + branch(a, g1)
       f = ffn(ln2(x))
       x = x + branch(f, g2)
     else:
-      x = ln1(x + branch(attn(x, padding_mask, bias), g1))
+      a = attn(x, padding_mask, bias)
+      x = ln1(x + branch(a, g1))
       f = ffn(x)
       x = ln2(x + branch(f, g2))
 
@@ -158,10 +162,12 @@ class EncoderLayer(nn.Module):
       # computed so the program shape never changes (user-needs D2).
       u = jax.random.uniform(self.make_rng("dropout"))
       x = jnp.where(u <= cfg.layerdrop, x_in, x)
-    if cfg.layer_result not in ("ffn", "block"):
-      raise ValueError(f"encoder.layer_result must be 'ffn' or 'block', got {cfg.layer_result!r}")
+    results = {"ffn": f, "attn": a, "block": x}
+    if cfg.layer_result not in results:
+      raise ValueError(f"encoder.layer_result must be one of {sorted(results)}, got "
+                       f"{cfg.layer_result!r}")
     x = _constrain(x, cfg)
-    return x, (_constrain(f, cfg) if cfg.layer_result == "ffn" else x)
+    return x, (x if cfg.layer_result == "block" else _constrain(results[cfg.layer_result], cfg))
 
 
 def _constrain(x, cfg: EncoderConfig):
