@@ -110,14 +110,18 @@ def speech(size: str) -> ml_collections.ConfigDict:
 
 
 def speech_cpu_preset(c, total_steps: int = 300) -> None:
-  """The speech CPU preset (``configs_lib.cpu_preset``: 4 × 256, 64-ch CNN, 8 × 2 s crops of the
-  embedded corpus, 300 steps) plus the data2vec 2.0 parts at the same scale: decoder 192 ch (half
-  of D, as 384 of 768), top 3 of 4 layers, 400-step-scale warm-up and EMA anneal."""
+  """The speech CPU preset (``configs_lib.cpu_preset``: 4 × 256, 64-ch CNN, embedded corpus, 300
+  steps) plus the data2vec 2.0 parts at CPU scale: 4 clips × 2 s (one batch shape, one compile)
+  with 4 clones each, so the student encodes 16 × 50 frames (about data2vec 1.0's preset cost);
+  decoder 192 ch (half of D, as 384 of 768); top 3 of 4 layers; warm-up and EMA anneal over the
+  run."""
   cl.cpu_preset(c, total_steps)
   c.model.encoder.num_layers = None  # the tiny variant's 4
   c.model.context.update(dict(prenet_layerdrop=0.0,
                               prenet_depth=min(1, c.model.context.prenet_depth)))
   c.model.decoder.dim = 192
+  c.masking.clones = 4
+  c.data.update(dict(buckets=[32000], budget_samples=4 * 32000))
   c.optim.warmup_steps = max(1, total_steps // 10)
   # A short run needs a teacher that moves: τ 0.999 → 0.9999 over the run (as the v1 preset).
   c.ema.end_decay = 0.9999
@@ -178,15 +182,16 @@ def vision(size: str) -> ml_collections.ConfigDict:
 
 def vision_cpu_preset(c, total_steps: int = 300) -> None:
   """Laptop/CI preset on the embedded images: 64-px images, 8-px patches (8×8 grid, keep 12 of
-  64), a 1 prenet + 3 main-block ViT of width 192, decoder 192 ch × 4, 16 images × 8 clones."""
+  64), a 1 prenet + 3 main-block ViT of width 192, decoder 192 ch × 4, 8 images × 8 clones
+  (64 student rows: about data2vec 1.0's preset cost on 2 cores)."""
   c.model.patch_size = 8  # also data.patch_size and masking.patch_size
   c.model.encoder.update(dict(num_layers=3, dim=192, ffn_dim=768, num_heads=3))
   c.model.context.prenet_depth = 1
   c.model.decoder.update(dict(dim=192, layers=4))
   c.masking.clones = 8
   c.targets.top_k = 3
-  c.loss.cls_rows = 16 * 8
-  c.data.update(dict(image_size=64, batch_size=16, cache_images=64, num_workers=0))
+  c.loss.cls_rows = 8 * 8
+  c.data.update(dict(image_size=64, batch_size=8, cache_images=64, num_workers=0))
   c.ema.update(dict(decay=0.999, end_decay=0.9999, anneal_steps=total_steps))
   c.optim.warmup_steps = max(1, total_steps // 10)
   c.total_steps = total_steps
@@ -245,16 +250,16 @@ def text(size: str) -> ml_collections.ConfigDict:
 
 
 def text_cpu_preset(c, total_steps: int = 300) -> None:
-  """Laptop/CI preset: ``configs_text.text_cpu_preset`` (4 × 256, embedded BPE, 8 × 128-token
-  blocks) with the decoder shrunk to 64 ch (768 × 9 × 768 convolutions over every clone would
-  dominate a 2-core step) and 4 clones."""
+  """Laptop/CI preset at ``configs_text.text_cpu_preset``'s scale (4 × 256, embedded BPE,
+  128-token blocks): 4 blocks × 4 clones (one batch shape), decoder 64 ch (768 × 9 × 768
+  convolutions over every clone would dominate a 2-core step)."""
   c.model.encoder.variant = "tiny"
   c.model.vocab_size = EMBEDDED_VOCAB_SIZE  # also masking/data.vocab_size (one reference)
   c.model.decoder.dim = 64
   c.masking.clones = 4
   c.targets.top_k = 4
-  c.data.update(dict(source="embedded", tokenizer="", tokens_per_sample=128, buckets=[64, 128],
-                     budget_tokens=8 * 128, num_workers=0))
+  c.data.update(dict(source="embedded", tokenizer="", tokens_per_sample=128, buckets=[128],
+                     budget_tokens=4 * 128, num_workers=0))
   c.total_steps = total_steps
   c.ema.update(dict(decay=0.999, end_decay=0.9999, anneal_steps=total_steps))
   c.optim.peak_lr = 1e-3
