@@ -15,6 +15,7 @@ from _convert_util import (assert_layers_match, d2v_forward, hf_layers, randomiz
                            torch, transformers)
 from d2vjax import convert
 from d2vjax.convert import d2v2
+from d2vjax.models.d2v2 import sincos_2d
 
 # HF name → fairseq name (spec §12.1), applied in order.
 SPEECH_NAMES = [
@@ -293,7 +294,7 @@ def _d2v2_state(modality, d=32, heads=4, depth=2, prenet=1, rng=None):
     sd[f"{m}decoder.proj.weight"], sd[f"{m}decoder.proj.bias"] = z(d, 24), z(d)
   elif modality == "IMAGE":
     sd[f"{m}local_encoder.proj.weight"], sd[f"{m}local_encoder.proj.bias"] = z(d, 3, 8, 8), z(d)
-    sd[f"{m}fixed_positional_encoder.positions"] = z(1, 16, d)
+    sd[f"{m}fixed_positional_encoder.positions"] = sincos_2d(4, d)[None]  # frozen MAE table
     sd[f"{m}extra_tokens"] = z(1, 1, d)
     dec = [(f"{m}decoder.blocks.{j}.0", (24, d // 4 if j == 0 else 24 // 4, 3, 3))
            for j in range(3)]
@@ -316,7 +317,8 @@ def _d2v2_state(modality, d=32, heads=4, depth=2, prenet=1, rng=None):
 def test_data2vec2_key_accounting(modality):
   """Every key of a data2vec 2.0 checkpoint (trunk AltBlocks with fused qkv, the modality's local
   encoder, ALiBi scale (1, 1, H, 1, 1), extra tokens, prenet, decoder, EMA) is assigned to a
-  component or dropped with a reason, and the architecture is read off the shapes."""
+  component or dropped with a reason, the architecture is read off the shapes, and the values
+  land in the d2vjax data2vec 2.0 model."""
   sd = _d2v2_state(modality)
   inv = d2v2.inventory(sd)
   assert len(inv["consumed"]) + len(inv["dropped"]) == len(sd)
@@ -330,8 +332,70 @@ def test_data2vec2_key_accounting(modality):
                          position_rows=22)}[modality]
   assert {k: inv[k] for k in expect} == expect
   assert inv["decoder_dim"] == 24 and inv["decoder_groups"] == 4
-  with pytest.raises(RuntimeError, match="accounted for"):
-    convert.convert_state(sd, "fairseq")
+  params, config, report = convert.convert_state(sd, "fairseq", {"num_heads": 4})
+  assert len(report.consumed) + len(report.dropped) == len(sd) and not report.initialised
+  c = config.model
+  assert (c.encoder.num_layers, c.context.prenet_depth, c.decoder.layers) == \
+      (2, 1, expect["decoder_layers"])
+  # Fused qkv rows [q; k; v], each head-major, land in the shared Transformer's projections.
+  qkv_w, qkv_b = sd["blocks.1.attn.qkv.weight"], sd["blocks.1.attn.qkv.bias"]
+  att = params["encoder"]["layers"]["self_attn"]
+  np.testing.assert_array_equal(att["k_proj"]["kernel"][1].reshape(32, 32), qkv_w[32:64].T)
+  np.testing.assert_array_equal(att["v_proj"]["bias"][1].reshape(-1), qkv_b[64:])
+  m = f"modality_encoders.{modality}."
+  np.testing.assert_array_equal(params["decoder"]["body"]["conv_0"]["kernel"],
+                                np.moveaxis(sd[f"{m}decoder.blocks.0.0.weight"], (0, 1), (-1, -2)))
+  if modality == "IMAGE":
+    assert "fixed sin-cos" in report.dropped[f"{m}fixed_positional_encoder.positions"]
+    np.testing.assert_array_equal(params["context"]["extra_tokens"], sd[f"{m}extra_tokens"][0])
+  if modality == "AUDIO":
+    np.testing.assert_array_equal(params["context"]["alibi_scale"], np.ones(4, np.float32))
+
+
+def _np_altblock(x, sd, p, heads):
+  """NumPy reference of fairseq's post-LN AltBlock (spec §1.6) on x [T, D]."""
+  from scipy.special import erf
+  ln = lambda y, w, b: (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-5) * w + b
+  t, d = x.shape
+  qkv = (x @ sd[p + "attn.qkv.weight"].T + sd[p + "attn.qkv.bias"]).reshape(t, 3, heads, d // heads)
+  q, k, v = (qkv[:, i].transpose(1, 0, 2) for i in range(3))
+  logits = (q * (d // heads) ** -0.5) @ k.transpose(0, 2, 1)
+  att = np.exp(logits - logits.max(-1, keepdims=True))
+  att /= att.sum(-1, keepdims=True)
+  o = (att @ v).transpose(1, 0, 2).reshape(t, d)
+  x = ln(x + o @ sd[p + "attn.proj.weight"].T + sd[p + "attn.proj.bias"], sd[p + "norm1.weight"],
+         sd[p + "norm1.bias"])
+  h = x @ sd[p + "mlp.fc1.weight"].T + sd[p + "mlp.fc1.bias"]
+  h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
+  f = h @ sd[p + "mlp.fc2.weight"].T + sd[p + "mlp.fc2.bias"]
+  return ln(x + f, sd[p + "norm2.weight"], sd[p + "norm2.bias"])
+
+
+def test_data2vec2_text_matches_numpy_altblocks():
+  """Converted data2vec 2.0 text weights: the d2vjax encoder equals a NumPy forward of fairseq's
+  layout (embeddings → LayerNorm → context LayerNorm → prenet block → trunk AltBlocks with fused
+  qkv), unmasked, so the fused-qkv split and the block order are checked numerically."""
+  sd = {k: v.astype(np.float64) for k, v in _d2v2_state("TEXT").items()}
+  for k in list(sd):
+    if re.search(r"(norm\w*|layernorm_embedding)\.weight$", k):
+      sd[k] = 1.0 + 0.1 * sd[k]  # gains near 1 keep the activations in a sane range
+    elif ".weight" in k:
+      sd[k] = 0.1 * sd[k]
+  params, config, _ = convert.convert_state({k: v.astype(np.float32) for k, v in sd.items()},
+                                            "fairseq", {"num_heads": 4})
+  tokens = np.random.default_rng(1).integers(3, 50, (1, 10)).astype(np.int32)
+  out = d2v_forward(params, config, {"tokens": tokens, "padding_mask": np.zeros((1, 10), bool)})
+  m = "modality_encoders.TEXT."
+  ln = lambda y, p: ((y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-5)
+                     * sd[p + ".weight"] + sd[p + ".bias"])
+  x = sd[m + "local_encoder.embed_tokens.weight"][tokens[0]] + \
+      sd[m + "local_encoder.embed_positions.weight"][2:12]  # positions padding_idx + 1 + t
+  x = ln(ln(x, m + "local_encoder.layernorm_embedding"), m + "context_encoder.norm")
+  x = _np_altblock(x, sd, m + "context_encoder.blocks.0.", 4)
+  for i in range(2):
+    x = _np_altblock(x, sd, f"blocks.{i}.", 4)
+    err = np.max(np.abs(out[1][i, 0] - x)) / np.max(np.abs(x))
+    assert err < 1e-4, (i, err)
 
 
 def test_data2vec2_bad_keys_are_named():

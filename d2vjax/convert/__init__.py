@@ -138,7 +138,9 @@ def convert_state(state: dict, fmt: str, ckcfg: dict | None = None, config=None,
   family = detect(fmt, state, ckcfg)
   report = R.Report(source=source or f"{fmt}:{family}")
   if family == "data2vec2":
-    return d2v2.convert(state, ckcfg, config, report, load_config, _shapes)
+    flat, c, objective, shapes = d2v2.convert(state, ckcfg, config, report, load_config, _shapes)
+    _fill_missing(flat, shapes, d2v2, objective, c, report)
+    return R.unflatten(flat), c, report
   if (fmt, family) not in FAMILIES:
     raise ValueError(f"{fmt} family {family!r} is not supported; known: "
                      f"{sorted(f for _, f in FAMILIES)}")

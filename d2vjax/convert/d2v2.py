@@ -3,14 +3,20 @@ fairseq-spec §12.1 and the architecture they describe (audio, image, text).
 
 Every key is assigned to one component of the model (trunk blocks, the modality's local
 encoder, relative/fixed positions, ALiBi scale, extra tokens, context encoder, decoder) with its
-shape checked against the others, or dropped with a reason (EMA teacher). Conversion into d2vjax
-params needs the data2vec 2.0 objective (``registry`` objective ``data2vec2``); until one is
-registered, ``convert`` stops with the inventory so the user knows the file is sound.
+shape checked against the others, or dropped with a reason (EMA teacher). ``convert`` then maps
+the keys onto the d2vjax data2vec 2.0 objective (``objectives/data2vec2.py``): the trunk's fused
+``qkv`` is split into the shared Transformer's q/k/v, the modality's local encoder goes to
+``frontend``, positions / ALiBi scale / extra tokens / LayerNorm / prenet to ``context``, the
+convolutional decoder to ``decoder``.
 """
 
 from __future__ import annotations
 
 import re
+
+import numpy as np
+
+from d2vjax.convert import rules as R
 
 _BLOCK = {"norm1.weight": ("D",), "norm1.bias": ("D",), "attn.qkv.weight": ("3D", "D"),
           "attn.qkv.bias": ("3D",), "attn.proj.weight": ("D", "D"), "attn.proj.bias": ("D",),
@@ -171,8 +177,8 @@ def _modality_facts(state, prefix, mod, d, ckcfg) -> dict:
     _need(state, f"{prefix}local_encoder.layernorm_embedding.weight", (d,))
     facts.update(vocab_size=int(tok.shape[0]), position_rows=int(pos.shape[0]))
   if heads is None:
-    heads = d // 64
-    facts["heads_note"] = "heads not recorded (no ALiBi scale, no config): width / 64"
+    heads = max(1, d // 64)
+    facts["heads_note"] = f"heads not recorded (no ALiBi scale, no config): {heads} (width / 64)"
   facts["heads"] = int(heads)
   return facts
 
@@ -204,17 +210,148 @@ def _decoder_facts(state, prefix, mod, d) -> dict:
               decoder_groups=groups, projection_layers=len(projs))
 
 
+# Default d2vjax config per modality and width.
+CONFIGS = {"AUDIO": ("speech_d2v2_base.py", "speech_d2v2_large.py"),
+           "IMAGE": ("vision_d2v2_base.py", "vision_d2v2_large.py"),
+           "TEXT": ("text_d2v2_base.py", "text_d2v2_large.py")}
+FRESH: list = []  # a data2vec 2.0 checkpoint holds every parameter of the model
+
+
+def _block_rules(prefix: str, dst: str, i: int) -> list[R.Rule]:
+  """AltBlock ``prefix`` (post-LN) → shared Transformer layer ``i`` under ``dst`` (…/layers)."""
+  out = []
+  for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+    out += [R.Rule(f"{prefix}attn.qkv.weight", f"{dst}/self_attn/{proj}/kernel", "linear", i, 1,
+                   part=(j, 3)),
+            R.Rule(f"{prefix}attn.qkv.bias", f"{dst}/self_attn/{proj}/bias", "id", i,
+                   part=(j, 3))]
+  out += R.linear(f"{prefix}attn.proj", f"{dst}/self_attn/out_proj", i, n_in=2)
+  out += R.norm(f"{prefix}norm1", f"{dst}/self_attn_layer_norm/norm", i)
+  out += R.linear(f"{prefix}mlp.fc1", f"{dst}/fc1", i) + R.linear(f"{prefix}mlp.fc2", f"{dst}/fc2", i)
+  out += R.norm(f"{prefix}norm2", f"{dst}/final_layer_norm/norm", i)
+  return out
+
+
+def derive(c, inv: dict, state: dict, report) -> None:
+  """Architecture fields of the d2vjax data2vec 2.0 config ``c`` from the inventory (in place)."""
+  mod, p = inv["modality"], f"modality_encoders.{inv['modality']}."
+  e, ctx, dec = c.model.encoder, c.model.context, c.model.decoder
+  e.num_layers, e.dim, e.ffn_dim, e.num_heads = inv["depth"], inv["dim"], inv["ffn_dim"], inv["heads"]
+  if "heads_note" in inv:
+    report.notes.append(inv["heads_note"])
+  ctx.prenet_depth = inv["prenet_depth"]
+  ctx.extra_tokens = inv.get("extra_tokens", 0)
+  ctx.norm = f"{p}context_encoder.norm.weight" in state
+  ctx.alibi = "alibi_scale_shape" in inv
+  if ctx.alibi and inv["alibi_scale_shape"][0] != 1:
+    raise ValueError(f"{p}alibi_scale {inv['alibi_scale_shape']}: per-layer ALiBi scales are not "
+                     "implemented (learned_alibi_scale_per_layer=false in every config)")
+  if mod == "AUDIO":
+    w = state[f"{p}relative_positional_encoder.1.0.weight"]
+    ctx.rel_pos, ctx.pos_depth = "conv_stack", inv["pos_depth"]
+    ctx.pos_width, ctx.pos_groups = inv["pos_kernel"] * inv["pos_depth"], inv["dim"] // w.shape[1]
+    c.model.conv_channels = inv["conv_channels"]
+    c.model.extractor_mode, c.model.conv_bias = "layer_norm", False
+  else:
+    ctx.rel_pos = "none"
+  if mod == "IMAGE":
+    side = int(round(inv["num_patches"] ** 0.5))
+    if side * side != inv["num_patches"]:
+      raise ValueError(f"{p}fixed_positional_encoder.positions: {inv['num_patches']} patches "
+                       "is not a square grid")
+    c.model.patch_size = inv["patch_size"]
+    c.data.image_size = side * inv["patch_size"]
+  if mod == "TEXT":
+    c.model.vocab_size = inv["vocab_size"]
+    c.model.max_positions = inv["position_rows"] - int(c.model.padding_idx) - 1
+    if max(c.data.buckets) > c.model.max_positions:
+      c.data.buckets = sorted({min(int(b), c.model.max_positions) for b in c.data.buckets})
+  if inv["decoder_layers"]:
+    dec.layers, dec.dim, dec.kernel = inv["decoder_layers"], inv["decoder_dim"], inv["decoder_kernel"]
+    dec.groups, dec.projection_layers = inv["decoder_groups"], inv["projection_layers"]
+    report.notes.append(f"decoder_residual not recorded in the weights: {dec.residual} from the "
+                        "d2vjax config")
+
+
+def rules(state: dict, inv: dict) -> list[R.Rule]:
+  """The key table of a data2vec 2.0 checkpoint."""
+  mod, p = inv["modality"], f"modality_encoders.{inv['modality']}."
+  out = []
+  for i in range(inv["depth"]):
+    out += _block_rules(f"blocks.{i}.", "encoder/layers", i)
+  for j in range(inv["prenet_depth"]):
+    out += _block_rules(f"{p}context_encoder.blocks.{j}.", "context/prenet/layers", j)
+  if f"{p}context_encoder.norm.weight" in state:
+    out += R.norm(f"{p}context_encoder.norm", "context/norm/norm")
+  if f"{p}alibi_scale" in state:
+    out.append(R.Rule(f"{p}alibi_scale", "context/alibi_scale"))
+  if f"{p}extra_tokens" in state:
+    out.append(R.Rule(f"{p}extra_tokens", "context/extra_tokens", n=1))
+  if mod == "AUDIO":
+    for i in range(inv["conv_layers"]):
+      out.append(R.Rule(f"{p}local_encoder.conv_layers.{i}.0.weight",
+                        f"frontend/cnn/conv_{i}/kernel", "conv"))
+      out += R.norm(f"{p}local_encoder.conv_layers.{i}.2.1", f"frontend/cnn/norm_{i}/norm")
+    out += R.norm(f"{p}project_features.1", "frontend/feature_norm/norm")
+    out += R.linear(f"{p}project_features.2", "frontend/projection")
+    for j in range(inv["pos_depth"]):
+      src = f"{p}relative_positional_encoder.{j + 1}.0"
+      out += [R.Rule(f"{src}.weight", f"context/rel_pos/conv_{j}_kernel", "conv"),
+              R.Rule(f"{src}.bias", f"context/rel_pos/conv_{j}_bias")]
+  elif mod == "IMAGE":
+    out += [R.Rule(f"{p}local_encoder.proj.weight", "frontend/patch_embed/proj/kernel", "conv"),
+            R.Rule(f"{p}local_encoder.proj.bias", "frontend/patch_embed/proj/bias")]
+  else:
+    out += [R.Rule(f"{p}local_encoder.embed_tokens.weight", "frontend/embed_tokens/embedding"),
+            R.Rule(f"{p}local_encoder.embed_positions.weight",
+                   "frontend/embed_positions/embedding")]
+    out += R.norm(f"{p}local_encoder.layernorm_embedding", "frontend/layernorm_embedding/norm")
+  for j in range(inv["decoder_layers"]):
+    out.append(R.Rule(f"{p}decoder.blocks.{j}.0.weight", f"decoder/body/conv_{j}/kernel", "conv"))
+    out.append(R.Rule(f"{p}decoder.blocks.{j}.0.bias", f"decoder/body/conv_{j}/bias"))
+  if inv["decoder_layers"]:
+    if inv["projection_layers"] == 1:
+      out += R.linear(f"{p}decoder.proj", "decoder/body/proj")
+    else:
+      idx = sorted({int(m.group(1)) for k in state for m in
+                    [re.fullmatch(re.escape(p) + r"decoder\.proj\.(\d+)\.weight", k)] if m})
+      for n, i in enumerate(idx):
+        out += R.linear(f"{p}decoder.proj.{i}", f"decoder/body/proj_{n}")
+  return out
+
+
+def check_fixed_positions(state: dict, inv: dict, report) -> None:
+  """Images: the checkpoint's frozen sin-cos table must equal the one d2vjax computes."""
+  key = f"modality_encoders.{inv['modality']}.fixed_positional_encoder.positions"
+  if key not in state:
+    return
+  from d2vjax.models import d2v2 as d2v2_model  # pylint: disable=g-import-not-at-top
+  side = int(round(inv["num_patches"] ** 0.5))
+  want = d2v2_model.sincos_2d(side, inv["dim"])
+  err = float(np.max(np.abs(np.asarray(state[key])[0] - want)))
+  if err > 1e-4:
+    raise ValueError(f"{key}: differs from d2vjax's fixed 2-D sin-cos positions by {err:.3g}")
+  report.dropped[key] = f"fixed sin-cos positions, recomputed by d2vjax (max difference {err:.1e})"
+  report.consumed.remove(key)
+
+
 def convert(state, ckcfg, config, report, load_config, shapes_fn):
-  """Convert a data2vec 2.0 state dict (see the module docstring)."""
-  del config, load_config, shapes_fn
+  """Convert a data2vec 2.0 state dict: ``(flat params, config, objective, shapes)``; the caller
+  fills nothing (every parameter comes from the checkpoint)."""
   from d2vjax import registry  # pylint: disable=g-import-not-at-top
   inv = inventory(state, ckcfg)
-  report.consumed.extend(inv["consumed"])
+  base, large = CONFIGS[inv["modality"]]
+  c = load_config(config if config is not None else (large if inv["dim"] >= 1024 else base))
+  if c.objective != "data2vec2":
+    raise ValueError(f"--config objective is {c.objective!r}: data2vec 2.0 checkpoints need a "
+                     "data2vec2 config (configs/*_d2v2_*.py)")
+  derive(c, inv, state, report)
+  objective = registry.get("objective", c.objective)(c)
+  shapes = shapes_fn(objective, c)
+  flat = R.to_params(state, rules(state, inv), shapes, report)
+  done = set(report.consumed)
+  report.consumed.extend(k for k in inv["consumed"] if k not in done)
+  check_fixed_positions(state, inv, report)
   report.dropped.update(inv["dropped"])
-  facts = {k: v for k, v in inv.items() if k not in ("consumed", "dropped")}
-  # The d2vjax data2vec 2.0 model is not part of this build yet: stop with the inventory (the
-  # file is sound; `python -m d2vjax.convert --inspect` prints it) instead of guessing a layout.
-  raise RuntimeError(
-      f"{report.source}: data2vec 2.0 {inv['modality']} checkpoint, all {len(state)} keys "
-      f"accounted for ({facts}); d2vjax has no data2vec 2.0 objective "
-      f"(registered objectives: {registry.names('objective')}) to load it into")
+  report.check_complete(state)
+  return flat, c, objective, shapes

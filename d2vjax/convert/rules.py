@@ -32,12 +32,15 @@ class Rule:
     layer: encoder layer index for layer rules, else None.
     n: 'linear': number of leading input axes of the Flax kernel (2 for attention out_proj);
       'id': unit axes the source has in front (1 × 1 × D tokens, (1, 1, k) weight-norm gains).
+    part: (index, count): this rule takes part ``index`` of ``count`` equal slices of the source
+      along axis 0 (a fused qkv projection), else None.
   """
   src: str
   dst: str
   kind: str = "id"
   layer: int | None = None
   n: int = 0
+  part: tuple | None = None
 
 
 def linear(src: str, dst: str, layer=None, bias: bool = True, n_in: int = 1) -> list[Rule]:
@@ -87,6 +90,11 @@ def _fits(got: tuple, want: tuple) -> bool:
       want[:i] + (want[i] * want[i + 1],) + want[i + 2:] == got for i in range(len(want) - 1))
 
 
+def unrolled(dst: str, layer: int) -> str:
+  """Path of layer ``layer``'s leaf in an unscanned stack: ``…/layers/x`` → ``…/layers_{i}/x``."""
+  return re.sub(r"(^|/)layers/", rf"\g<1>layers_{layer}/", dst, count=1)
+
+
 def _leaf_path(rule: Rule, shapes: dict) -> tuple[str, tuple]:
   """(path in the param tree, expected shape of this rule's slice)."""
   if rule.layer is None:
@@ -95,7 +103,7 @@ def _leaf_path(rule: Rule, shapes: dict) -> tuple[str, tuple]:
     return rule.dst, tuple(shapes[rule.dst])
   if rule.dst in shapes:  # scanned: stacked along axis 0
     return rule.dst, tuple(shapes[rule.dst][1:])
-  path = rule.dst.replace(LAYERS + "/", f"{LAYERS}_{rule.layer}/", 1)
+  path = unrolled(rule.dst, rule.layer)
   if path not in shapes:
     raise KeyError(f"d2vjax model has no parameter {path!r} (for source key {rule.src!r})")
   return path, tuple(shapes[path])
@@ -152,6 +160,8 @@ def to_params(state: dict, rules: list[Rule], shapes: dict, report: Report) -> d
     if r.src not in state:
       raise KeyError(f"{report.source}: missing checkpoint key {r.src!r} (needed for {r.dst})")
     a = np.asarray(state[r.src], dtype=np.float32)
+    if r.part is not None:
+      a = np.split(a, r.part[1], axis=0)[r.part[0]]
     path, want = _leaf_path(r, shapes)
     b = _to_flax(r.kind, a)
     if not _fits(b.shape, want):
@@ -162,7 +172,8 @@ def to_params(state: dict, rules: list[Rule], shapes: dict, report: Report) -> d
       stacked.setdefault(path, {})[r.layer] = b
     else:
       flat[path] = b
-    report.consumed.append(r.src)
+    if r.src not in report.consumed:
+      report.consumed.append(r.src)
   for path, per_layer in stacked.items():
     n = shapes[path][0]
     if sorted(per_layer) != list(range(n)):
@@ -175,11 +186,12 @@ def to_state_dict(flat: dict, rules: list[Rule]) -> dict:
   """Inverse of ``to_params``: d2vjax flat params → source-layout state dict (float32 numpy)."""
   out = {}
   for r in rules:
+    if r.part is not None:
+      raise ValueError(f"export of fused source tensors ({r.src}) is not supported")
     if r.layer is not None and r.dst in flat:
       a = flat[r.dst][r.layer]
     else:
-      path = (r.dst if r.layer is None else
-              r.dst.replace(LAYERS + "/", f"{LAYERS}_{r.layer}/", 1))
+      path = r.dst if r.layer is None else unrolled(r.dst, r.layer)
       if path not in flat:
         raise KeyError(f"export: d2vjax params have no {path!r} (for {r.src!r})")
       a = flat[path]
