@@ -10,7 +10,7 @@
 #
 # Settings (env): TPU_NAME, ZONE (always); ACCELERATOR, RUNTIME_VERSION (default
 # tpu-ubuntu2204-base), QUEUED=1 (queued resource), SPOT=1 (spot capacity), NODE_COUNT (multi-slice,
-# with QUEUED=1), PROJECT (optional) for create; WORKDIR (gs:// path, identical on every worker),
+# with QUEUED=1; setup/run/logs then go through the queued resource to every slice), PROJECT (optional) for create; WORKDIR (gs:// path, identical on every worker),
 # TFDS_DATA_DIR (optional), REPO (default: this checkout, copied with scp) for setup/run.
 # Every command accepts --dry-run: print the gcloud commands instead of running them.
 set -euo pipefail
@@ -23,7 +23,21 @@ mapfile -d '' args < <(strip_dry_run "$@")
 need TPU_NAME ZONE
 project=()
 [ -n "${PROJECT:-}" ] && project=(--project="$PROJECT")
-ssh_all=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all "${project[@]+"${project[@]}"}")
+if [ -n "${NODE_COUNT:-}" ]; then
+  # Multi-slice: reach every worker of every slice through the queued resource. Train with
+  # --config.dcn_mesh="(('data', $NODE_COUNT),)" so only the data axis crosses slices (DCN).
+  vm=(gcloud compute tpus queued-resources)
+  target="$TPU_NAME-qr"
+  nodes=(--node=all)
+  node0=(--node=0)
+else
+  vm=(gcloud compute tpus tpu-vm)
+  target="$TPU_NAME"
+  nodes=()
+  node0=()
+fi
+ssh_all=("${vm[@]}" ssh "$target" --zone="$ZONE" --worker=all "${nodes[@]+"${nodes[@]}"}"
+         "${project[@]+"${project[@]}"}")
 
 case "$cmd" in
   create)
@@ -48,8 +62,8 @@ case "$cmd" in
     ;;
   setup)
     repo=${REPO:-$(cd "$here/.." && pwd)}
-    run gcloud compute tpus tpu-vm scp --recurse "$repo" "$TPU_NAME:~/d2vjax" --zone="$ZONE" \
-      --worker=all "${project[@]+"${project[@]}"}"
+    run "${vm[@]}" scp --recurse "$repo" "$target:~/d2vjax" --zone="$ZONE" \
+      --worker=all "${nodes[@]+"${nodes[@]}"}" "${project[@]+"${project[@]}"}"
     run "${ssh_all[@]}" --command='cd ~/d2vjax && python3 -m venv ~/venv && ~/venv/bin/pip install -q -U pip && ~/venv/bin/pip install -q -e . "jax[tpu]"'
     ;;
   run)
@@ -60,7 +74,7 @@ case "$cmd" in
     run "${ssh_all[@]}" --command="cd ~/d2vjax && $env_vars nohup ~/venv/bin/python -m d2vjax.train --workdir=$WORKDIR$flags > ~/d2vjax.log 2>&1 &"
     ;;
   logs)
-    run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=0 \
+    run "${vm[@]}" ssh "$target" --zone="$ZONE" --worker=0 "${node0[@]+"${node0[@]}"}" \
       "${project[@]+"${project[@]}"}" --command='tail -f ~/d2vjax.log'
     ;;
   delete)

@@ -81,6 +81,21 @@ def test_tpu_commands_carry_the_settings(fake_bin):
   assert "-m d2vjax.train --workdir=gs://b/r --config=configs/w2v2_base.py" in remote
 
 
+def test_multislice_commands_reach_every_slice_through_the_queued_resource(fake_bin):
+  env = dict(TPU_NAME="t", ZONE="z", WORKDIR="gs://b/r", QUEUED="1", NODE_COUNT="2")
+  for cmd in ("setup", "run"):
+    out = _run("tpu.sh", [cmd, "--config=configs/speech_base.py", "--dry-run"], env, fake_bin)
+    assert out.returncode == 0, out.stderr
+    for c in _dry_commands(out.stdout):
+      assert c[:4] == ["gcloud", "compute", "tpus", "queued-resources"] and "t-qr" in " ".join(c)
+      assert {"--worker=all", "--node=all"} <= set(c)
+  # Single slice: the TPU VM itself, no --node.
+  run = _dry_commands(_run("tpu.sh", ["run", "--dry-run"], dict(TPU_NAME="t", ZONE="z",
+                                                               WORKDIR="gs://b"), fake_bin).stdout)
+  assert run[0][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
+  assert not any(a.startswith("--node") for a in run[0])
+
+
 def test_multinode_gpu_script_sets_the_coordinator(fake_bin):
   out = _run("gpu_multinode.sh", ["--config=configs/speech_base.py", "--dry-run"],
              dict(NNODES="2", NODE_RANK="1", COORDINATOR="10.0.0.1:1234", WORKDIR="/w"),
