@@ -10,10 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from _convert_util import (assert_layers_match, d2v_forward, hf_layers, rel_err, torch,
-                           transformers)
+from _convert_util import (assert_layers_match, d2v_forward, hf_layers, rel_err, torch_or_skip)
 from d2vjax import convert, export, registry
 from d2vjax.convert import hf_export
+
+torch, transformers = torch_or_skip()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 from _convert_util import (assert_layers_match, d2v_forward, hf_layers, randomize, rel_err,
-                           state_of, torch, transformers)
+                           state_of, torch_or_skip)
 from d2vjax import convert
+
+torch, transformers = torch_or_skip()
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
              conv_dim=[32] * 7, num_conv_pos_embedding_groups=4, hidden_dropout=0.0,

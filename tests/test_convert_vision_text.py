@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 from _convert_util import (assert_layers_match, d2v_forward, hf_layers, randomize, state_of,
-                           torch, transformers)
+                           torch_or_skip)
 from d2vjax import convert
+
+torch, transformers = torch_or_skip()
 
 VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
               image_size=32, patch_size=8, use_mask_token=True, use_mean_pooling=False,

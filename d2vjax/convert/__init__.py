@@ -170,9 +170,8 @@ def _width(state: dict) -> int:
 def _fill_missing(flat, shapes, mod, objective, config, report) -> None:
   """Params the checkpoint lacks: structural identities, or fresh init where the family says a
   checkpoint may legitimately lack them; anything else is an error."""
-  missing = sorted(set(shapes) - set(flat))
-  fresh = None
-  for path in missing:
+  need = {}
+  for path in sorted(set(shapes) - set(flat)):
     filled = getattr(mod, "identity_fill", lambda *_: None)(path, shapes[path])
     if filled is not None:
       flat[path], report.initialised[path] = filled
@@ -181,13 +180,18 @@ def _fill_missing(flat, shapes, mod, objective, config, report) -> None:
     if reason is None:
       raise KeyError(f"{report.source}: d2vjax parameter {path} {shapes[path]} has no source "
                      "key in the checkpoint")
-    if fresh is None:
-      import jax  # pylint: disable=g-import-not-at-top
-      # Param shapes do not depend on the input length: init on the family's shortest input.
-      data = ml_collections.ConfigDict(config.data.to_dict())
-      data.update(getattr(mod, "INIT_DATA", {}))
-      fresh = R.flatten(jax.jit(objective.init)(jax.random.key(0),
-                                                objective.modality.dummy_batch(data)))
+    need[path] = reason
+  if not need:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  # Param shapes do not depend on the input length: init on the family's shortest input. Only
+  # the needed leaves leave the jitted init, so XLA drops the rest of the model.
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  data.update(getattr(mod, "INIT_DATA", {}))
+  init = lambda key, batch: {p: v for p, v in R.flatten(objective.init(key, batch)).items()
+                             if p in need}
+  fresh = jax.jit(init)(jax.random.key(0), objective.modality.dummy_batch(data))
+  for path, reason in need.items():
     flat[path] = np.asarray(fresh[path], np.float32)
     report.initialised[path] = f"fresh init: {reason}"
 

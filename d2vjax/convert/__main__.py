@@ -1,6 +1,7 @@
 r"""Command line of ``d2vjax.convert`` (see docs/interop.md).
 
-Import:  ``python -m d2vjax.convert --from=hf --in=DIR_OR_FILE [--config=configs/x.py] --out=P.msgpack``
+Import:  ``python -m d2vjax.convert --from=hf --in=DIR_OR_FILE [--config=configs/x.py]
+         --out=P.msgpack``
          ``python -m d2vjax.convert --from=fairseq --in=CKPT.pt --out=P.msgpack``
 Inspect: ``python -m d2vjax.convert --from=fairseq --in=CKPT.pt --inspect`` (key accounting only)
 Export:  ``python -m d2vjax.convert --to=hf --in=P.msgpack --out=HF_DIR``

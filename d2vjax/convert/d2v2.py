@@ -227,7 +227,8 @@ def _block_rules(prefix: str, dst: str, i: int) -> list[R.Rule]:
                    part=(j, 3))]
   out += R.linear(f"{prefix}attn.proj", f"{dst}/self_attn/out_proj", i, n_in=2)
   out += R.norm(f"{prefix}norm1", f"{dst}/self_attn_layer_norm/norm", i)
-  out += R.linear(f"{prefix}mlp.fc1", f"{dst}/fc1", i) + R.linear(f"{prefix}mlp.fc2", f"{dst}/fc2", i)
+  out += R.linear(f"{prefix}mlp.fc1", f"{dst}/fc1", i)
+  out += R.linear(f"{prefix}mlp.fc2", f"{dst}/fc2", i)
   out += R.norm(f"{prefix}norm2", f"{dst}/final_layer_norm/norm", i)
   return out
 
@@ -236,7 +237,8 @@ def derive(c, inv: dict, state: dict, report) -> None:
   """Architecture fields of the d2vjax data2vec 2.0 config ``c`` from the inventory (in place)."""
   mod, p = inv["modality"], f"modality_encoders.{inv['modality']}."
   e, ctx, dec = c.model.encoder, c.model.context, c.model.decoder
-  e.num_layers, e.dim, e.ffn_dim, e.num_heads = inv["depth"], inv["dim"], inv["ffn_dim"], inv["heads"]
+  e.num_layers, e.dim, e.ffn_dim = inv["depth"], inv["dim"], inv["ffn_dim"]
+  e.num_heads = inv["heads"]
   if "heads_note" in inv:
     report.notes.append(inv["heads_note"])
   ctx.prenet_depth = inv["prenet_depth"]
@@ -267,7 +269,8 @@ def derive(c, inv: dict, state: dict, report) -> None:
     if max(c.data.buckets) > c.model.max_positions:
       c.data.buckets = sorted({min(int(b), c.model.max_positions) for b in c.data.buckets})
   if inv["decoder_layers"]:
-    dec.layers, dec.dim, dec.kernel = inv["decoder_layers"], inv["decoder_dim"], inv["decoder_kernel"]
+    dec.layers, dec.dim = inv["decoder_layers"], inv["decoder_dim"]
+    dec.kernel = inv["decoder_kernel"]
     dec.groups, dec.projection_layers = inv["decoder_groups"], inv["projection_layers"]
     report.notes.append(f"decoder_residual not recorded in the weights: {dec.residual} from the "
                         "d2vjax config")

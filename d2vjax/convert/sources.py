@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import numpy as np
 
@@ -70,7 +71,7 @@ def torch_load(path: str):
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as first:  # pylint: disable=broad-except
-    if not isinstance(first, __import__("pickle").UnpicklingError):
+    if not isinstance(first, pickle.UnpicklingError):
       raise
     names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     unsafe = [n for n in names if n.split(".")[0] not in _INERT_MODULES]

@@ -21,7 +21,8 @@ FAIRSEQ_LAYER = dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_
 
 _NAMES = {
     "hf": dict(
-        conv="feature_extractor.conv_layers.{i}.conv", gn="feature_extractor.conv_layers.0.layer_norm",
+        conv="feature_extractor.conv_layers.{i}.conv",
+        gn="feature_extractor.conv_layers.0.layer_norm",
         ln="feature_extractor.conv_layers.{i}.layer_norm", feat_ln="feature_projection.layer_norm",
         proj="feature_projection.projection", mask="masked_spec_embed",
         pos="encoder.pos_conv_embed.conv", pos_stack="encoder.pos_conv_embed.layers.{j}.conv",

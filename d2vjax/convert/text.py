@@ -36,7 +36,8 @@ def drops(fmt: str) -> list[tuple[str, str]]:
   """(regex, reason) of keys deliberately not converted."""
   del fmt
   return [(r"pooler\..*", "BERT pooler (sentence classification only)"),
-          (r"lm_head\..*|classifier\..*", "masked-LM / classification head (task models)"),
+          (r"(encoder\.)?lm_head\..*|classifier\..*",
+           "masked-LM / classification head (task models)"),
           (r"embeddings\.position_ids|embeddings\.token_type_ids", "buffer"),
           (r"encoder\._ema\..*|_ema\..*", "EMA teacher copy (training only)"),
           (r"encoder\.sentence_encoder\.version|.*\.version", "fairseq version buffer"),
@@ -75,9 +76,6 @@ def derive(c, state: dict, ckcfg: dict | None, fmt: str, report) -> None:
       e.norm_eps = float(ck["layer_norm_eps"])
     if ck.get("hidden_act", "gelu") != "gelu":
       raise ValueError(f"config.json hidden_act={ck['hidden_act']!r}: d2vjax uses exact GELU")
-    if TOKEN_TYPE in state and state[TOKEN_TYPE].shape[0] != 1:
-      raise ValueError(f"{TOKEN_TYPE}: {state[TOKEN_TYPE].shape[0]} token types; d2vjax has "
-                       "none (RoBERTa/data2vec use one, folded into the positions)")
 
 
 def rules(state: dict, fmt: str, shapes: dict) -> list[R.Rule]:
@@ -105,6 +103,10 @@ def fold_token_type(state: dict, report) -> dict:
   state[pos] = state[pos] + state[TOKEN_TYPE][0][None, :]
   report.consumed.append(TOKEN_TYPE)
   report.notes.append(f"{TOKEN_TYPE} row 0 folded into the position embeddings")
+  if state[TOKEN_TYPE].shape[0] > 1:
+    # HF uses row 0 unless token_type_ids are passed; d2vjax has no token types.
+    report.notes.append(f"{TOKEN_TYPE} rows 1..{state[TOKEN_TYPE].shape[0] - 1} not converted: "
+                        "d2vjax inputs have no token types (HF's default token_type_ids are 0)")
   return state
 
 
