@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from d2vjax.convert import parity
@@ -41,3 +42,17 @@ def assert_layers_match(d2v_out, hf_last, hf_layers_out, valid=None, tol=TOL):
   errs = parity.layer_errors(d2v_out, hf_last, hf_layers_out, valid)
   assert max(errs) <= tol, errs
   return errs
+
+
+def assert_text_matches(model, params, config, length: int, pad_from: int, vocab: int, seed=0):
+  """Two rows of random tokens in [3, vocab), the second right-padded (pad id 1, HF attention
+  mask) from ``pad_from``: every layer agrees on the valid tokens."""
+  torch, _ = torch_or_skip()
+  tokens = np.random.default_rng(seed).integers(3, vocab, (2, length)).astype(np.int32)
+  pad = np.zeros(tokens.shape, bool)
+  pad[1, pad_from:] = True
+  tokens[pad] = 1
+  out = d2v_forward(params, config, {"tokens": tokens, "padding_mask": pad})
+  last, layers = parity.hf_layer_outputs(model, input_ids=torch.from_numpy(tokens).long(),
+                                         attention_mask=torch.from_numpy(~pad).long())
+  return assert_layers_match(out, last, layers, valid=~pad)

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from _convert_util import (assert_layers_match, d2v_forward, hf_layers, rel_err, torch_or_skip)
+from _convert_util import (assert_layers_match, assert_text_matches, d2v_forward, hf_layers,
+                           rel_err, torch_or_skip)
 from d2vjax import convert, export, registry
 from d2vjax.convert import hf_export
 
@@ -79,15 +80,7 @@ def test_text_round_trip(tmp_path):
   params, c = _d2v_params("text_base.py:test")
   model, _ = _load_hf(hf_export.export_hf(params, c, str(tmp_path / "hf")),
                       add_pooling_layer=False)
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(4, 200, (2, 16)).astype(np.int32)
-  pad = np.zeros(tokens.shape, bool)
-  pad[1, 9:] = True
-  tokens[pad] = 1
-  got = d2v_forward(params, c, {"tokens": tokens, "padding_mask": pad})
-  last, layers = hf_layers(model, model.encoder.layer, input_ids=torch.from_numpy(tokens).long(),
-                           attention_mask=torch.from_numpy(~pad).long())
-  assert_layers_match(got, last, layers, valid=~pad)
+  assert_text_matches(model, params, c, length=16, pad_from=9, vocab=200)
 
 
 def test_cli_hf_directory_to_msgpack_and_back(tmp_path):

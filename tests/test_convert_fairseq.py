@@ -10,8 +10,8 @@ import types
 import numpy as np
 import pytest
 
-from _convert_util import (assert_layers_match, d2v_forward, hf_layers, randomize, state_of,
-                           torch_or_skip)
+from _convert_util import (assert_layers_match, assert_text_matches, d2v_forward, hf_layers,
+                           randomize, state_of, torch_or_skip)
 from d2vjax import convert
 
 torch, transformers = torch_or_skip()
@@ -251,11 +251,4 @@ def test_data2vec_text():
              "encoder._ema.layers.0.fc1.weight": np.zeros((128, 64), np.float32)})
   params, config, report = convert.convert_state(sd, "fairseq", {"encoder_attention_heads": 2})
   assert list(report.dropped) == ["encoder._ema.layers.0.fc1.weight"] and not report.initialised
-  tokens = rng.integers(3, 50, (2, 9)).astype(np.int32)
-  pad = np.zeros(tokens.shape, bool)
-  pad[1, 5:] = True
-  tokens[pad] = 1
-  out = d2v_forward(params, config, {"tokens": tokens, "padding_mask": pad})
-  last, layers = hf_layers(model, model.encoder.layer, input_ids=torch.from_numpy(tokens).long(),
-                           attention_mask=torch.from_numpy(~pad).long())
-  assert_layers_match(out, last, layers, valid=~pad)
+  assert_text_matches(model, params, config, length=9, pad_from=5, vocab=50)

@@ -4,8 +4,8 @@ scale, mask token) and Data2VecText (RoBERTa layout, padded batches) models (iss
 import numpy as np
 import pytest
 
-from _convert_util import (assert_layers_match, d2v_forward, hf_layers, randomize, state_of,
-                           torch_or_skip)
+from _convert_util import (assert_layers_match, assert_text_matches, d2v_forward, hf_layers,
+                           randomize, state_of, torch_or_skip)
 from d2vjax import convert
 
 torch, transformers = torch_or_skip()
@@ -65,12 +65,4 @@ def test_text_padded_every_layer_matches():
   params, config, report = convert.convert_state(state_of(model), "hf", cfg.to_dict())
   assert set(report.dropped) == {"pooler.dense.weight", "pooler.dense.bias"}
   assert config.model.max_positions == 38 and config.model.vocab_size == 100
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(3, 100, (3, 12)).astype(np.int32)
-  lengths = np.array([12, 7, 3])
-  pad = np.arange(12)[None, :] >= lengths[:, None]
-  tokens[pad] = 1
-  out = d2v_forward(params, config, {"tokens": tokens, "padding_mask": pad})
-  last, layers = hf_layers(model, model.encoder.layer, input_ids=torch.from_numpy(tokens).long(),
-                           attention_mask=torch.from_numpy(~pad).long())
-  assert_layers_match(out, last, layers, valid=~pad)
+  assert_text_matches(model, params, config, length=12, pad_from=5, vocab=100)
