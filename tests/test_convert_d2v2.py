@@ -85,8 +85,11 @@ def test_data2vec2_key_accounting(modality):
                          position_rows=22)}[modality]
   assert {k: inv[k] for k in expect} == expect
   assert inv["decoder_dim"] == 24 and inv["decoder_groups"] == 4
-  params, config, report = convert.convert_state(sd, "fairseq", {"num_heads": 4})
+  ckcfg = {"num_heads": 4, "modalities": {modality.lower(): {"decoder": {
+      "decoder_residual": modality != "TEXT"}}}}
+  params, config, report = convert.convert_state(sd, "fairseq", ckcfg)
   assert len(report.consumed) + len(report.dropped) == len(sd) and not report.initialised
+  assert config.model.decoder.residual == (modality != "TEXT")
   c = config.model
   assert (c.encoder.num_layers, c.context.prenet_depth, c.decoder.layers) == \
       (2, 1, expect["decoder_layers"])

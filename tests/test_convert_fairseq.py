@@ -89,7 +89,10 @@ def test_wav2vec2_base_with_pretraining_heads():
              "final_proj.weight": rng.standard_normal((32, 64), np.float32),
              "final_proj.bias": np.zeros(32, np.float32)})
   ckcfg = {"_name": "wav2vec2", "encoder_attention_heads": 2, "layer_norm_first": False,
-           "latent_groups": 2}
+           "latent_groups": 2,
+           "conv_feature_layers": "[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2"}
+  with pytest.raises(ValueError, match="conv_feature_layers"):  # strides differ from spec §1.2
+    convert.convert_state(sd, "fairseq", dict(ckcfg, conv_feature_layers="[(32, 10, 4)] * 7"))
   params, config, report = convert.convert_state(sd, "fairseq", ckcfg)
   assert len(report.consumed) == len(sd) and not report.dropped and not report.initialised
   assert (config.model.extractor_mode, config.model.conv_bias) == ("default", False)

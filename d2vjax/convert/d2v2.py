@@ -233,7 +233,7 @@ def _block_rules(prefix: str, dst: str, i: int) -> list[R.Rule]:
   return out
 
 
-def derive(c, inv: dict, state: dict, report) -> None:
+def derive(c, inv: dict, state: dict, ckcfg: dict | None, report) -> None:
   """Architecture fields of the d2vjax data2vec 2.0 config ``c`` from the inventory (in place)."""
   mod, p = inv["modality"], f"modality_encoders.{inv['modality']}."
   e, ctx, dec = c.model.encoder, c.model.context, c.model.decoder
@@ -268,12 +268,29 @@ def derive(c, inv: dict, state: dict, report) -> None:
     c.model.max_positions = inv["position_rows"] - int(c.model.padding_idx) - 1
     if max(c.data.buckets) > c.model.max_positions:
       c.data.buckets = sorted({min(int(b), c.model.max_positions) for b in c.data.buckets})
+  mcfg = modality_config(ckcfg, mod)
+  if mcfg.get("use_alibi_encoder") is False and ctx.alibi:
+    raise ValueError(f"{p}alibi_scale present but the checkpoint's config has "
+                     "use_alibi_encoder=false: d2vjax applies ALiBi whenever the scale exists")
+  if (ckcfg or {}).get("layer_norm_first"):
+    raise ValueError("cfg layer_norm_first=true: data2vec 2.0's pre-LN AltBlock is not ported "
+                     "(spec §1.6: it drops the pre-MLP residual; no config uses it)")
   if inv["decoder_layers"]:
     dec.layers, dec.dim = inv["decoder_layers"], inv["decoder_dim"]
     dec.kernel = inv["decoder_kernel"]
     dec.groups, dec.projection_layers = inv["decoder_groups"], inv["projection_layers"]
-    report.notes.append(f"decoder_residual not recorded in the weights: {dec.residual} from the "
-                        "d2vjax config")
+    residual = (mcfg.get("decoder") or {}).get("decoder_residual")
+    if residual is None:
+      report.notes.append(f"decoder_residual not recorded: {dec.residual} from the d2vjax config")
+    else:
+      dec.residual = bool(residual)
+
+
+def modality_config(ckcfg: dict | None, mod: str) -> dict:
+  """The checkpoint's ``cfg.model.modalities.{audio|image|text}`` section, or {}."""
+  mods = (ckcfg or {}).get("modalities") or {}
+  section = mods.get(mod.lower()) if isinstance(mods, dict) else None
+  return section if isinstance(section, dict) else {}
 
 
 def rules(state: dict, inv: dict) -> list[R.Rule]:
@@ -348,7 +365,7 @@ def convert(state, ckcfg, config, report, load_config, shapes_fn):
   if c.objective != "data2vec2":
     raise ValueError(f"--config objective is {c.objective!r}: data2vec 2.0 checkpoints need a "
                      "data2vec2 config (configs/*_d2v2_*.py)")
-  derive(c, inv, state, report)
+  derive(c, inv, state, ckcfg, report)
   objective = registry.get("objective", c.objective)(c)
   shapes = shapes_fn(objective, c)
   flat = R.to_params(state, rules(state, inv), shapes, report)

@@ -130,6 +130,25 @@ def layout(state: dict, fmt: str) -> dict:
   return lay
 
 
+def parse_conv_layers(spec: str) -> list[tuple]:
+  """fairseq's ``conv_feature_layers`` string (e.g. ``"[(512, 10, 5)] + [(512, 3, 2)] * 4"``)
+  evaluated without ``eval``: only int literals, tuples, lists, ``+`` and ``*``."""
+  import ast  # pylint: disable=g-import-not-at-top
+
+  def ev(node):
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+      return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+      items = [ev(e) for e in node.elts]
+      return items if isinstance(node, ast.List) else tuple(items)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+      a, b = ev(node.left), ev(node.right)
+      return a + b if isinstance(node.op, ast.Add) else a * b
+    raise ValueError(f"conv_feature_layers {spec!r}: unsupported expression")
+
+  return [tuple(t) for t in ev(ast.parse(spec, mode="eval").body)]
+
+
 def derive(c, state: dict, ckcfg: dict | None, fmt: str, report) -> None:
   """Set the architecture fields of d2vjax config ``c`` from the checkpoint (in place)."""
   lay = layout(state, fmt)
@@ -152,6 +171,11 @@ def derive(c, state: dict, ckcfg: dict | None, fmt: str, report) -> None:
   else:
     heads, ln_first, eps = ck.get("encoder_attention_heads"), ck.get("layer_norm_first"), None
     groups = ck.get("latent_groups")
+    if ck.get("conv_feature_layers"):
+      got = [(k, s) for _, k, s in parse_conv_layers(str(ck["conv_feature_layers"]))]
+      if got != [(k, s) for _, k, s in audio.CONV_LAYERS]:
+        raise ValueError(f"cfg conv_feature_layers {ck['conv_feature_layers']!r}: d2vjax "
+                         f"implements {audio.CONV_LAYERS} (spec §1.2)")
   e = c.model.encoder
   for k in ("num_layers", "dim", "ffn_dim", "pos_encoder", "pos_width", "pos_groups",
             "pos_depth"):
