@@ -157,6 +157,8 @@ def derive(c, state: dict, ckcfg: dict | None, fmt: str, report) -> None:
     ck = ck["w2v_args"].get("model", ck)
   if fmt == "hf":
     heads, ln_first = ck.get("num_attention_heads"), ck.get("do_stable_layer_norm")
+    if ln_first is None and ck.get("model_type") == "data2vec-audio":
+      ln_first = False  # HF Data2VecAudio has only the post-LN encoder
     eps = ck.get("layer_norm_eps")
     for key in ("hidden_act", "feat_extract_activation"):
       if ck.get(key, "gelu") != "gelu":
