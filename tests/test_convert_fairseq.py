@@ -191,7 +191,7 @@ def test_missing_post_extract_proj_is_identity():
 
 def test_data2vec_audio_with_ema_and_final_proj():
   """data2vec 1.0 audio: conv positional stack ``encoder.pos_conv.{j}.0``, ``final_proj`` →
-  regression head, the ``_ema`` teacher copy dropped with its reason."""
+  regression head, the ``_ema`` teacher (a nested dict entry) dropped with its reason."""
   cfg = transformers.Data2VecAudioConfig(**{**SMALL, "num_conv_pos_embeddings": 3,
                                             "conv_pos_kernel_size": 5})
   torch.manual_seed(2)
@@ -201,7 +201,8 @@ def test_data2vec_audio_with_ema_and_final_proj():
   rng = np.random.default_rng(0)
   sd["final_proj.weight"] = rng.standard_normal((64, 64), np.float32)
   sd["final_proj.bias"] = rng.standard_normal(64, np.float32)
-  sd["_ema.layers.0.fc1.weight"] = np.zeros((128, 64), np.float32)
+  # fairseq's state_dict stores the EMA teacher as ONE entry holding a dict of tensors.
+  sd["_ema"] = {"layers.0.fc1.weight": np.zeros((128, 64), np.float32)}
   params, config, report = convert.convert_state(
       sd, "fairseq", {"_name": "data2vec_audio", "encoder_attention_heads": 2,
                       "layer_norm_first": False})

@@ -135,6 +135,7 @@ def convert_state(state: dict, fmt: str, ckcfg: dict | None = None, config=None,
     (params nested dict of float32 numpy arrays, the derived d2vjax config, the report).
   """
   from d2vjax import registry  # pylint: disable=g-import-not-at-top
+  state = sources.to_numpy(state)
   family = detect(fmt, state, ckcfg)
   report = R.Report(source=source or f"{fmt}:{family}")
   if family == "data2vec2":

@@ -83,10 +83,16 @@ def torch_load(path: str):
       return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def to_numpy(state: dict) -> dict:
-  """State dict of torch tensors (any float dtype) → float32/int numpy arrays."""
+def to_numpy(state: dict, prefix: str = "") -> dict:
+  """State dict of torch tensors (any float dtype) → float32/int numpy arrays. Nested dicts
+  (fairseq stores the EMA teacher as one entry ``_ema`` holding a dict of tensors) are
+  flattened to ``_ema.<name>`` keys."""
   out = {}
   for k, v in state.items():
+    k = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(to_numpy(v, f"{k}."))
+      continue
     if hasattr(v, "detach"):
       v = v.detach().cpu()
       v = v.float() if v.is_floating_point() else v
