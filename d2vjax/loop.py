@@ -17,6 +17,12 @@ from d2vjax import metrics as metrics_lib
 from d2vjax import sharding
 
 
+def split_host(batch: dict) -> tuple[dict, dict]:
+  """A pipeline batch → (device arrays, host metadata: the keys starting with '_')."""
+  meta = {k: v for k, v in batch.items() if k.startswith("_")}
+  return {k: v for k, v in batch.items() if not k.startswith("_")}, meta
+
+
 class StepLog:
   """Bookkeeping of one training loop.
 
@@ -46,8 +52,8 @@ class StepLog:
                    process_count: int = 1) -> tuple[dict, float]:
     """A pipeline batch → (global device arrays, global units): host metadata (keys starting
     with '_') is stripped and its ``_bad`` counts added up."""
-    host = {k: v for k, v in raw.items() if not k.startswith("_")}
-    for reason, n in raw.get("_bad", {}).items():
+    host, meta = split_host(raw)
+    for reason, n in meta.get("_bad", {}).items():
       self.bad_counts[reason] = self.bad_counts.get(reason, 0) + int(n)
     units = units_fn(host) * process_count
     return sharding.global_batch(host, batch_sharding), units
@@ -87,10 +93,11 @@ class StepLog:
     self.writer.write_scalars(log_step, scalars)
     return log_step, scalars
 
-  def drain(self) -> tuple[int, dict] | None:
-    """Writes whatever is still buffered (after the loop); returns it or None."""
+  def drain(self, extra: dict[str, Any] | None = None) -> tuple[int, dict] | None:
+    """Writes whatever is still buffered (after the loop) with ``extra``; returns it or None."""
     tail = self.buffer.drain()
     if tail is not None:
+      tail[1].update(extra or {})
       self.writer.write_scalars(tail[0], tail[1])
     return tail
 

@@ -11,7 +11,6 @@ import collections
 import dataclasses
 import json
 import os
-import time
 from typing import Any
 
 from absl import app, flags, logging
@@ -19,8 +18,8 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from d2vjax import checkpointing, configs_lib, distributed, export, metrics as metrics_lib, optim
-from d2vjax import registry, sharding, step as step_lib
+from d2vjax import checkpointing, configs_lib, distributed, export, loop, metrics as metrics_lib
+from d2vjax import optim, registry, sharding, step as step_lib
 
 # Exit codes of `run` (0 = finished or preempted-and-saved).
 EXIT_COLLAPSED = 3
@@ -34,10 +33,8 @@ class EmaSchedule:
   anneal_steps: int
 
 
-def _host_batch(batch: dict) -> tuple[dict, dict]:
-  """Split a pipeline batch into device arrays and host metadata (keys starting with '_')."""
-  meta = {k: v for k, v in batch.items() if k.startswith("_")}
-  return {k: v for k, v in batch.items() if not k.startswith("_")}, meta
+# Device arrays / host metadata of a pipeline batch (tests and bench/ use it too).
+_host_batch = loop.split_host
 
 
 @dataclasses.dataclass
@@ -169,54 +166,33 @@ def run(config, workdir: str) -> int:
   # ------------------------------------------------------------------ loop
   writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard)
   writer.write_text(start_step, "config", config.to_json_best_effort())
-  buffer = metrics_lib.MetricBuffer()
-  progress = metrics_lib.Progress(total_steps, unit=modality.unit, start_step=start_step)
+  log = loop.StepLog(writer, total_steps, modality.unit, start_step, bad_counts=setup.skipped,
+                     total_params=total_params)
   guard = metrics_lib.CollapseGuard(config.guard.min_value, config.guard.patience,
                                     key=config.guard.key)
-  nonfinite = metrics_lib.NonFiniteCounter()
-  bad_counts: dict[str, int] = dict(setup.skipped)
   preemption = checkpointing.PreemptionHandler().install()
   exit_code, stop_reason = 0, "finished"
-  compile_s = None
   last_scalars: dict[str, float] = {}
   # Last logged losses, in every process's summary (hosts must agree step by step).
   recent_losses: collections.deque = collections.deque(maxlen=16)
   step = start_step
   try:
     while step < total_steps:
-      host, meta = _host_batch(next(data_iter))
-      for reason, n in meta.get("_bad", {}).items():
-        bad_counts[reason] = bad_counts.get(reason, 0) + int(n)
-      units = modality.batch_units(host) * process_count
-      batch = sharding.global_batch(host, batch_sharding)
-      t0 = time.perf_counter()
-      state, step_metrics = train_step(state, batch)
+      batch, units = log.device_batch(next(data_iter), batch_sharding, modality.batch_units,
+                                      process_count)
+      state, _ = log.run_step(train_step, state, batch, step + 1, units)
       step += 1
-      if compile_s is None:
-        jax.block_until_ready(step_metrics)
-        compile_s = time.perf_counter() - t0
-        writer.write_scalars(step, {"compile_s": compile_s, "total_params": total_params})
-        print(f"first step (compile + run): {compile_s:.1f} s; params: {total_params}", flush=True)
-      buffer.add(step, step_metrics)
-      progress.update(step, units)
-
-      if step % config.log_every == 0 or step == total_steps:
-        flushed = buffer.flush()  # leaves the newest step pending: no stall on the device
-        if flushed is not None:
-          log_step, scalars = flushed
-          nonfinite.update(scalars)
-          scalars.update({f"bad/{k}": v for k, v in bad_counts.items()})
-          scalars.update(progress.summary())
-          scalars["nonfinite_total"] = nonfinite.total
-          scalars["compiles"] = train_step.compiles
-          writer.write_scalars(log_step, scalars)
-          last_scalars = scalars
-          recent_losses.append((log_step, scalars.get("loss")))
-          message = guard.check(log_step, scalars) if log_step >= config.guard.start_step else None
-          if message:
-            print(message, flush=True)
-            exit_code, stop_reason = EXIT_COLLAPSED, "collapsed"
-            break
+      # The log flush leaves the newest step pending: no stall on the device.
+      flushed = log.maybe_log(step, config.log_every, {"compiles": train_step.compiles})
+      if flushed is not None:
+        log_step, scalars = flushed
+        last_scalars = scalars
+        recent_losses.append((log_step, scalars.get("loss")))
+        message = guard.check(log_step, scalars) if log_step >= config.guard.start_step else None
+        if message:
+          print(message, flush=True)
+          exit_code, stop_reason = EXIT_COLLAPSED, "collapsed"
+          break
       checkpointing.save(manager, step, state, data_iter=data_iter, config=config)
       if preemption.should_stop(manager, step):
         stop_reason = "preempted"
@@ -225,17 +201,15 @@ def run(config, workdir: str) -> int:
         stop_reason = "stop_after_steps"
         break
     # Whatever stopped the loop, nothing already trained is lost.
-    tail = buffer.drain()
+    tail = log.drain({"compiles": train_step.compiles})
     if tail is not None:
-      tail[1]["compiles"] = train_step.compiles
-      writer.write_scalars(tail[0], tail[1])
       last_scalars = tail[1]
       recent_losses.append((tail[0], tail[1].get("loss")))
     checkpointing.save(manager, step, state, data_iter=data_iter, config=config, force=True)
     checkpointing.wait(manager)
   finally:
     preemption.uninstall()
-    progress.close()
+    log.close()
     writer.close()
     close = getattr(data_iter, "close", None)
     if close is not None:
@@ -245,12 +219,9 @@ def run(config, workdir: str) -> int:
     out = os.path.join(workdir, "export", "params.msgpack")
     export.export_workdir(workdir, out)
     print(f"exported student params to {out}", flush=True)
-  summary = {"stop_reason": stop_reason, "step": step, "compile_s": compile_s,
-             "compiles": train_step.compiles,
-             "total_params": total_params, "bad_inputs": bad_counts,
+  summary = {"stop_reason": stop_reason, "step": step, "compiles": train_step.compiles,
              "last_loss": last_scalars.get("loss"), "recent_losses": list(recent_losses),
-             "process_index": process_index,
-             **progress.summary()}
+             "process_index": process_index, **log.summary()}
   # One summary per process: every host reports its own view (identical losses expected).
   name = "summary.json" if process_index == 0 else f"summary.p{process_index}.json"
   with open(os.path.join(workdir, name), "w") as f:
