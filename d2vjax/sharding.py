@@ -141,7 +141,7 @@ def _param_spec(path: str, shape: tuple[int, ...], mesh: Mesh, rules) -> P:
       free = [d for d in range(skip, len(shape)) if spec[d] is None and shape[d] % n == 0]
       if free:
         spec[max(free, key=lambda d: (shape[d], -d))] = "fsdp"
-    return P(*spec)
+    return P(*spec) if any(spec) else P()
   return P()
 
 
