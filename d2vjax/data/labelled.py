@@ -243,7 +243,7 @@ PATTERN_CLASSES = ("horizontal", "vertical", "checker", "rings")
 
 def _pattern(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
   """One uint8 ``[size, size, 3]`` image: stripes / checks / rings of a random period and phase
-  in two random colours, plus pixel noise."""
+  in a random colour and its complement, plus pixel noise."""
   yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
   period = rng.uniform(size / 8, size / 3)
   phase = rng.uniform(0, 2 * np.pi)
@@ -256,7 +256,9 @@ def _pattern(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
   else:
     cy, cx = rng.uniform(0.3 * size, 0.7 * size, 2)
     v = np.sin(2 * np.pi * np.hypot(yy - cy, xx - cx) / period + phase)
-  a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+  # Two contrasting colours (a and its complement), so every crop shows the pattern.
+  a = rng.uniform(0, 255, 3)
+  b = 255.0 - a
   w = (v > 0)[..., None]
   img = np.where(w, a, b) + rng.normal(0, 12, (size, size, 3))
   return np.clip(img, 0, 255).astype(np.uint8)
@@ -268,7 +270,7 @@ def write_pattern_images(root: str, *, train_per_class: int = 24, valid_per_clas
   (a separable toy task; the embedded images have no labels). Deterministic in ``seed``; an
   existing complete tree is reused. Returns ``root``."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  done = os.path.join(root, ".complete")
+  done = os.path.join(root, ".complete_v2")
   if os.path.exists(done):
     return root
   os.makedirs(root, exist_ok=True)

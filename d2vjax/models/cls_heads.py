@@ -25,7 +25,7 @@ class MeanPoolHead(nn.Module):
   @nn.compact
   def __call__(self, x, padding_mask, train: bool = False):
     del train
-    keep = ~padding_mask
+    keep = ~jnp.asarray(padding_mask)
     if self.skip_first:
       keep = keep.at[:, 0].set(False)
     w = keep.astype(jnp.float32)[..., None]
