@@ -127,3 +127,19 @@ def test_missing_and_misshaped_keys_are_named():
   broken = dict(sd, **{"encoder.adapter.weight": np.ones(3, np.float32)})
   with pytest.raises(ValueError, match="encoder.adapter.weight"):
     convert.convert_state(broken, "hf", cfg.to_dict())
+
+
+def test_d2v_audio_padded_fairseq_semantics_equal_hf_padded():
+  """With ``pos_encoder='conv_stack_fairseq'`` (same params, padding zeroed once as in fairseq)
+  the padded batch equals HF's padded forward, leak included; the default d2vjax stack differs
+  there (that difference is what the row-by-row test above excludes)."""
+  model, _, params, config, _ = _converted("d2v_audio")
+  exact = config.copy_and_resolve_references()
+  exact.model.encoder.pos_encoder = "conv_stack_fairseq"
+  wav, pad = _batch()
+  out = d2v_forward(params, exact, {"audio": wav, "padding_mask": pad})
+  last, layers = hf_layers(model, model.encoder.layers, input_values=torch.from_numpy(wav),
+                           attention_mask=torch.from_numpy(~pad).long())
+  assert_layers_match(out, last, layers, valid=~out[2])
+  default = d2v_forward(params, config, {"audio": wav, "padding_mask": pad})
+  assert rel_err(default[0], last, ~out[2]) > 1e-3  # the leak is real and visible

@@ -203,6 +203,18 @@ def convert(path: str, fmt: str, config=None):
   return convert_state(state, fmt, ckcfg, config, source=path)
 
 
+def use_fairseq_padding(config, report: R.Report | None = None) -> None:
+  """Switch a converted speech config's conv-stack positional encoder to fairseq's padding
+  behaviour (``conv_stack_fairseq``: same params), in place; other configs are unchanged."""
+  for section, key in ((config.model.get("encoder"), "pos_encoder"),
+                       (config.model.get("context"), "rel_pos")):
+    if section is not None and section.get(key) == "conv_stack":
+      section[key] = "conv_stack_fairseq"
+      if report is not None:
+        report.notes.append(f"{key}=conv_stack_fairseq: padded frames leak into the last valid "
+                            "ones exactly as in fairseq / HF")
+
+
 def save(params: dict, config, report: R.Report, out: str) -> str:
   """Write ``out`` (msgpack) and its ``.json`` sidecar in ``d2vjax.export``'s format."""
   from flax import serialization  # pylint: disable=g-import-not-at-top

@@ -22,6 +22,10 @@ def _cli() -> None:
                                "onto; default: the family's configs/*.py")
   out = flags.DEFINE_string("out", None, "Output .msgpack (import) or directory (export).")
   inspect = flags.DEFINE_bool("inspect", False, "Only read and account for the keys.")
+  fairseq_padding = flags.DEFINE_bool(
+      "fairseq_padding", False, "Speech conv-stack positions: reproduce fairseq/HF on padded "
+      "batches (padding zeroed once, pos_encoder=conv_stack_fairseq) instead of d2vjax's "
+      "padding-invariant stack.")
 
   def main(argv):
     del argv
@@ -47,6 +51,8 @@ def _cli() -> None:
     if not out.value and not inspect.value:
       raise app.UsageError("--out is required (or --inspect)")
     params, cfg, report = convert.convert(path.value, src.value, config.value)
+    if fairseq_padding.value:
+      convert.use_fairseq_padding(cfg, report)
     print(json.dumps(report.summary(), indent=1))
     if not inspect.value:
       print(f"wrote {convert.save(params, cfg, report, out.value)}")

@@ -85,7 +85,7 @@ def compare(model, params: dict, config, seed: int = 0) -> list[float]:
     pad[1, 10000:] = True
     wav[pad] = 0
     out = d2v_layer_outputs(params, config, {"audio": wav, "padding_mask": pad})
-    if config.model.encoder.pos_encoder == "conv_stack":
+    if config.model.encoder.pos_encoder == "conv_stack":  # not conv_stack_fairseq
       errs = []
       for row, n in enumerate((16000, 10000)):
         last, outs = hf_layer_outputs(model, input_values=torch.from_numpy(wav[row:row + 1, :n]))

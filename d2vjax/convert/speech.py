@@ -282,7 +282,8 @@ def hf_config(c, model_type: str) -> dict:
                  codevector_dim=m.final_dim, num_codevector_groups=m.latent_groups,
                  num_codevectors_per_group=m.latent_vars)
   else:
-    if e.pos_encoder != "conv_stack" or m.extractor_mode != "layer_norm" or e.layer_norm_first:
+    if not e.pos_encoder.startswith("conv_stack") or m.extractor_mode != "layer_norm" or \
+        e.layer_norm_first:
       raise ValueError("HF Data2VecAudio needs the conv-stack positional encoder, the layer-norm "
                        "CNN and post-LN layers")
     cfg.update(architectures=["Data2VecAudioModel"], num_conv_pos_embeddings=e.pos_depth,

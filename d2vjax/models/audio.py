@@ -194,6 +194,8 @@ class PosConvStack(nn.Module):
   width: int = 95
   groups: int = 16
   depth: int = 5
+  # False: fairseq's (and HF's) behaviour, padding zeroed once before the stack only.
+  rezero_padding = True
 
   @nn.compact
   def __call__(self, x, padding_mask=None):
@@ -201,12 +203,13 @@ class PosConvStack(nn.Module):
 
     Padded frames are re-zeroed before every block: bias → LN → GELU make them non-zero again, and
     the next conv would carry that into the last valid frames (fairseq never pads in pre-training,
-    so it does not need this; fine-tuning and padded batches do).
+    so it does not need this; fine-tuning and padded batches do). ``conv_stack_fairseq`` keeps
+    fairseq's leak, to reproduce a fairseq / Hugging Face model on padded batches exactly.
     """
     k = max(3, self.width // self.depth)
     fan_in = (self.dim // self.groups) * k
     for j in range(self.depth):
-      if padding_mask is not None:
+      if padding_mask is not None and self.rezero_padding:
         x = jnp.where(padding_mask[..., None], 0, x)
       kernel = self.param(f"conv_{j}_kernel", layers.torch_default_kernel,
                           (k, self.dim // self.groups, self.dim), jnp.float32)
@@ -216,3 +219,12 @@ class PosConvStack(nn.Module):
       x = layers.LayerNorm(affine=False, name=f"norm_{j}")(x)
       x = layers.gelu(x)
     return x
+
+
+@registry.register("pos_encoder", "conv_stack_fairseq")
+class PosConvStackFairseq(PosConvStack):
+  """``PosConvStack`` with fairseq's padding behaviour: padded frames are zeroed once before the
+  stack (by the encoder) and not between blocks, so on padded batches the last valid frames see
+  the padded frames' bias → LN → GELU output, exactly as fairseq / HF ``Data2VecAudio`` compute.
+  Same parameters; for parity with converted checkpoints (docs/interop.md)."""
+  rezero_padding = False
