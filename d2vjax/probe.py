@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -249,6 +250,16 @@ class Prober:
       return out.astype(jnp.float32), pad
 
     self.encode = jax.jit(encode)
+
+  def maybe_run(self, step: int, params) -> dict[str, float] | None:
+    """The scores at every ``probe.every``-th step (also printed), else None."""
+    if step % int(self.cfg.every):
+      return None
+    t0 = time.perf_counter()
+    scores = self(params)
+    scores["probe/seconds"] = time.perf_counter() - t0
+    print(f"probe @ {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+    return scores
 
   def __call__(self, params) -> dict[str, float]:
     train = encode_all(self.encode, params, self.train_data, self.batch_sharding)

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from d2vjax import checkpointing, configs_lib, distributed, export, loop, metrics as metrics_lib
-from d2vjax import optim, registry, sharding, step as step_lib
+from d2vjax import optim, probe, registry, sharding, step as step_lib
 
 # Exit codes of `run` (0 = finished or preempted-and-saved).
 EXIT_COLLAPSED = 3
@@ -170,6 +170,9 @@ def run(config, workdir: str) -> int:
                      total_params=total_params)
   guard = metrics_lib.CollapseGuard(config.guard.min_value, config.guard.patience,
                                     key=config.guard.key)
+  # Optional linear probes on frozen features (config.probe.every > 0); labelled data is read once.
+  prober = probe.make_prober(config, setup.objective, batch_sharding,
+                             sharding.batch_size_multiple(setup.mesh))
   preemption = checkpointing.PreemptionHandler().install()
   exit_code, stop_reason = 0, "finished"
   last_scalars: dict[str, float] = {}
@@ -193,6 +196,9 @@ def run(config, workdir: str) -> int:
           print(message, flush=True)
           exit_code, stop_reason = EXIT_COLLAPSED, "collapsed"
           break
+      probed = prober.maybe_run(step, state["params"]) if prober is not None else None
+      if probed:
+        writer.write_scalars(step, probed)
       checkpointing.save(manager, step, state, data_iter=data_iter, config=config)
       if preemption.should_stop(manager, step):
         stop_reason = "preempted"

@@ -99,9 +99,9 @@ def test_speech_probe_on_embedded_corpus_with_a_random_model():
   import jax
   c = configs_lib.data2vec_speech("base")
   configs_lib.test_preset(c)
-  # One 8 s bucket: one compiled encoder program (the embedded clips are 2 … 7.1 s).
+  # One 4 s bucket: one compiled encoder program (clips of 2 … 4 s; the corpus has 2 … 7.1 s).
   c.probe = configs_lib.probe_fields(every=2, max_train=6, max_valid=3, layer=1, steps=20,
-                               buckets=[128000])
+                                     buckets=[64000])
   train = registry.get("probe_data", "speech")(c, "train", 6, 2)
   valid = registry.get("probe_data", "speech")(c, "valid", 3, 2)
   assert len(train.targets) == 6 and len(valid.targets) == 3
@@ -208,3 +208,24 @@ def test_text_probe_reads_tsv_sentence_labels(tmp_path):
   from d2vjax.probes import text as text_probe
   with pytest.raises(ValueError, match=r"broken.tsv:1"):
     text_probe.read_tsv(str(tmp_path / "broken.tsv"))
+
+
+def test_trainer_logs_probe_scores_at_the_interval(tmp_path):
+  """``train.run`` with ``probe.every=2``: probe scores appear in metrics.jsonl at steps 2 and 4
+  only, computed on a 2-device data-parallel mesh."""
+  import json
+  import os
+  from d2vjax import train
+  c = configs_lib.data2vec_speech("base")
+  configs_lib.test_preset(c, total_steps=4)
+  c.num_devices = 2
+  # 4 s clips only (the shortest third of the corpus): one small compiled encoder program.
+  c.probe = configs_lib.probe_fields(every=2, max_train=4, max_valid=2, steps=10,
+                                     buckets=[64000])
+  workdir = str(tmp_path / "run")
+  assert train.run(c, workdir) == 0
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  probed = [r for r in rows if "probe/cer" in r]
+  assert [r["step"] for r in probed] == [2, 4]
+  for r in probed:
+    assert 0.0 <= r["probe/cer"] and 0.0 <= r["probe/wer"] and r["probe/seconds"] > 0
