@@ -140,7 +140,7 @@ def test_step_compiles_once_over_varied_batches_and_the_bound_stops_a_new_shape(
 def test_tensor_rules_split_attention_and_mlp_megatron_style():
   """fc1/q/k/v on their output dim, fc2/out_proj on their input dim, fsdp on the largest free dim;
   the same layout for optimizer moments and teacher; tiny tensors and the rest unchanged."""
-  _, _, _, mesh, shardings, state, _ = _setup((("data", 2), ("fsdp", 2), ("tensor", 2)))
+  c, _, _, mesh, shardings, state, _ = _setup((("data", 2), ("fsdp", 2), ("tensor", 2)))
   layer = lambda tree, name: _get(tree, ("encoder", "layers") + name + ("kernel",))
   expected = {  # scanned [L, ...]; D=128, F=256, H=2, dh=64
       ("fc1",): P(None, "fsdp", "tensor"),  # [L, D, F]
@@ -160,7 +160,8 @@ def test_tensor_rules_split_attention_and_mlp_megatron_style():
   # Biases and the CNN follow the fsdp rule only (no tensor axis).
   assert "tensor" not in str(_get(shardings, ("params", "encoder", "layers", "fc1", "bias")).spec)
   # Without a tensor axis the tensor rules change nothing (the data × fsdp layout above).
-  _, _, _, _, plain, _, _ = _setup((("data", 4), ("fsdp", 2)))
+  plain = sharding.state_shardings(state, sharding.make_mesh((("data", 4), ("fsdp", 2))),
+                                   c.sharding_rules)
   assert layer(plain["params"], ("fc1",)).spec == P(None, None, "fsdp")
   # A head count the tensor axis cannot split is an error naming the parameter.
   with pytest.raises(ValueError, match=r"q_proj.*tensor=4"):
