@@ -1,4 +1,5 @@
-r"""Decode a labelled split with a fine-tuned CTC checkpoint and print WER/CER.
+r"""Decode a labelled split with a fine-tuned CTC checkpoint and print WER/CER (or score any other
+fine-tuning run through its task: accuracy, Pearson, …).
 
 ``python -m d2vjax.evaluate --workdir=DIR [--split=valid] [--checkpoint=best|latest] [--step=N]``
 
@@ -170,6 +171,53 @@ def checkpoint_dir(workdir: str, which: str = "best") -> str:
   return latest
 
 
+def _restore(directory: str, step: int, config):
+  """``(params, param_sharding, batch_sharding, mesh)`` of a checkpoint: the training mesh and
+  layout (FSDP-sharded params for large models) when the visible devices allow it, else plain
+  data parallelism over them."""
+  params = checkpointing.restore_params_only(directory, step)
+  devices = jax.devices()
+  n_dev = min(config.get("num_devices") or len(devices), len(devices))
+  try:
+    mesh = sharding.make_mesh(config.get("mesh", (("data", -1),)), devices[:n_dev])
+  except ValueError:
+    mesh = sharding.make_mesh((("data", -1),), devices[:n_dev])
+  shape = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), {"params": params})
+  param_sharding = sharding.state_shardings(
+      shape, mesh, config.get("sharding_rules", ((".*", "fsdp"),)))["params"]
+  batch_sharding = sharding.batch_sharding(mesh)
+  return jax.device_put(params, param_sharding), param_sharding, batch_sharding, mesh
+
+
+def run_task(workdir: str, split: str = "valid", *, which: str = "best", step: int | None = None,
+             out: str | None = None):
+  """Scores ``split`` with a checkpoint of any fine-tuning run through its ``finetune_task``
+  (classification: accuracy …, regression: Pearson …). Returns ``(EvalReport, step)``; with
+  ``out``, writes the record as JSON."""
+  directory = checkpoint_dir(workdir, which)
+  step = checkpointing.latest_step(directory) if step is None else int(step)
+  stored = checkpointing.read_config(directory)
+  if stored is None:
+    raise FileNotFoundError(f"no config stored with the checkpoints in {directory}")
+  config = ml_collections.ConfigDict(stored)
+  task = registry.get("finetune_task", config.objective)(config)
+  objective = registry.get("objective", config.objective)(config)
+  params, param_sharding, batch_sharding, mesh = _restore(directory, step, config)
+  examples, dropped = task.examples(config, split)
+  task.prepare(config, examples, examples)
+  evaluator = task.make_evaluator(
+      config, objective, examples, param_sharding=param_sharding, batch_sharding=batch_sharding,
+      batch_multiple=sharding.batch_size_multiple(mesh), total_steps=0, steps_per_epoch=0)
+  report = evaluator(params, step)
+  report.record["dropped"] = dict(dropped)
+  if out and jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+      json.dump({"workdir": workdir, "checkpoint": directory, "step": step, "split": split,
+                 **report.record}, f, indent=1)
+  return report, step
+
+
 def run(workdir: str, split: str = "valid", *, which: str = "best", step: int | None = None,
         out: str | None = None) -> tuple[EvalResult, int]:
   """Decodes ``split`` with a checkpoint of the fine-tuning run in ``workdir``.
@@ -180,20 +228,7 @@ def run(workdir: str, split: str = "valid", *, which: str = "best", step: int | 
   step = checkpointing.latest_step(directory) if step is None else int(step)
   config = _config_from_checkpoint(directory)
   objective = registry.get("objective", "ctc")(config)
-  params = checkpointing.restore_params_only(directory, step)
-  devices = jax.devices()
-  n_dev = min(config.get("num_devices") or len(devices), len(devices))
-  # The training mesh and layout (FSDP-sharded params for large models) when the visible devices
-  # allow it, else plain data parallelism over them.
-  try:
-    mesh = sharding.make_mesh(config.get("mesh", (("data", -1),)), devices[:n_dev])
-  except ValueError:
-    mesh = sharding.make_mesh((("data", -1),), devices[:n_dev])
-  shape = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), {"params": params})
-  param_sharding = sharding.state_shardings(
-      shape, mesh, config.get("sharding_rules", ((".*", "fsdp"),)))["params"]
-  batch_sharding = sharding.batch_sharding(mesh)
-  params = jax.device_put(params, param_sharding)
+  params, param_sharding, batch_sharding, mesh = _restore(directory, step, config)
   examples, dropped = ctc_data.asr_examples(config.data, split)
   data_cfg = eval_data_config(config)
   label_len = ctc_data.label_lengths(data_cfg, [examples])
@@ -230,6 +265,12 @@ def _cli() -> None:
     distributed.maybe_initialize()
     if not workdir.value:
       raise app.UsageError("--workdir is required")
+    stored = checkpointing.read_config(checkpoint_dir(workdir.value, which.value)) or {}
+    if stored.get("objective") not in (None, "ctc"):
+      report, at = run_task(workdir.value, split.value, which=which.value, step=step.value,
+                            out=out.value)
+      print(f"{split.value} @ step {at}: {report.line}")
+      return
     result, at = run(workdir.value, split.value, which=which.value, step=step.value,
                      out=out.value)
     r = result.rates

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from d2vjax import configs_cls, finetune, optim, registry
+from d2vjax import configs_cls, evaluate, finetune, optim, registry
 from d2vjax import step as step_lib
 from d2vjax.data import labelled
 from d2vjax.models import cls_heads
@@ -227,7 +227,7 @@ def test_text_finetune_learns_and_resumes(tmp_path, capsys):
   """``finetune.run`` on the text ``:test`` preset (2 × 64, generated two-class sentiment set,
   8 sentences a step, 2 devices) stopped at step 40 and resumed to 80: it continues from step
   40, and the validation accuracy reaches >= 0.7 (chance 0.5 on 64 sentences) with the best
-  checkpoint kept by accuracy."""
+  checkpoint kept by accuracy; ``evaluate.run_task`` reproduces its score."""
   c = configs_cls.get_text_config("test,steps=80")
   c.num_devices = 2
   c.optim.peak_lr = 1e-3
@@ -245,6 +245,9 @@ def test_text_finetune_learns_and_resumes(tmp_path, capsys):
   assert best["accuracy"] >= 0.7 and best["step"] == 80, best
   assert best["accuracy"] > first["last_eval"]["accuracy"]
   assert os.path.exists(os.path.join(wd, "export", "params.msgpack"))
+  # The evaluate entry point rescores the best checkpoint from the run directory alone.
+  report, at = evaluate.run_task(wd)
+  assert at == 80 and report.record["accuracy"] == pytest.approx(best["accuracy"])
 
 
 def test_vision_finetune_smoke(tmp_path):
