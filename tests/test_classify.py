@@ -259,3 +259,13 @@ def test_vision_finetune_smoke(tmp_path):
   s = _run(c, str(tmp_path / "run"))
   assert s["step"] == 4 and s["last_eval"]["examples"] == 32
   assert set(s["best"]) >= {"step", "accuracy", "loss"}
+
+
+def test_checkpoint_of_another_modality_is_refused():
+  """A speech checkpoint cannot initialise a sentence classifier: a clear error before any work
+  (the same modality passes)."""
+  c = configs_cls.get_text_config("test")
+  task = registry.get("finetune_task", c.objective)(c)
+  with pytest.raises(ValueError, match=r"'speech' model .* 'text' one"):
+    task.check(c, {"modality": "speech", "model": {}}, "/ckpt/speech")
+  task.check(c, {"modality": "text", "model": {}}, "/ckpt/text")

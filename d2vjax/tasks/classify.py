@@ -78,6 +78,18 @@ class ClassifyTask(base.FinetuneTask):
     self.higher_is_better = METRICS[self.metric]
 
   # ------------------------------------------------------------------ config
+  def pretrained_from_stored(self, stored) -> dict:
+    out = super().pretrained_from_stored(stored)
+    out["modality"] = stored.modality
+    return out
+
+  def check(self, config, pretrained, init):
+    """A checkpoint of another modality is refused before any work."""
+    got = None if pretrained is None else pretrained.get("modality")
+    if got is not None and got != config.modality:
+      raise ValueError(f"--init={init!r} is a {got!r} model but this config fine-tunes a "
+                       f"{config.modality!r} one ({config.objective})")
+
   @abc.abstractmethod
   def _classes(self, config, train_examples) -> list[str]:
     """Class names in label order, from the training examples."""
