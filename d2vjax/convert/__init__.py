@@ -228,3 +228,52 @@ def save(params: dict, config, report: R.Report, out: str) -> str:
   with open(os.path.splitext(out)[0] + ".json", "w") as f:
     json.dump(sidecar, f, indent=1)
   return out
+
+
+def _cli() -> None:
+  """Command line (``python -m d2vjax.convert``, see ``__main__``); flags are defined here so
+  importing the package defines none."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+
+  src = flags.DEFINE_enum("from", None, ["hf", "fairseq"], "Source checkpoint format.")
+  dst = flags.DEFINE_enum("to", None, ["hf"], "Export a d2vjax .msgpack to this layout.")
+  path = flags.DEFINE_string("in", None, "Checkpoint file/directory, or .msgpack with --to.")
+  config = flags.DEFINE_string("config", None, "d2vjax config (configs/x.py[:args]) to map "
+                               "onto; default: the family's configs/*.py")
+  out = flags.DEFINE_string("out", None, "Output .msgpack (import) or directory (export).")
+  inspect = flags.DEFINE_bool("inspect", False, "Only read and account for the keys.")
+  fairseq_padding = flags.DEFINE_bool(
+      "fairseq_padding", False, "Speech conv-stack positions: reproduce fairseq/HF on padded "
+      "batches (padding zeroed once, pos_encoder=conv_stack_fairseq) instead of d2vjax's "
+      "padding-invariant stack.")
+
+  def main(argv):
+    del argv
+    if not path.value or (src.value is None) == (dst.value is None):
+      raise app.UsageError("give --in and exactly one of --from / --to")
+    if dst.value:
+      if not out.value:
+        raise app.UsageError("--out (a directory) is required")
+      from d2vjax import export  # pylint: disable=g-import-not-at-top
+      from d2vjax.convert import hf_export  # pylint: disable=g-import-not-at-top
+      _, params, cfg = export.load_model(path.value)
+      print(f"wrote {hf_export.export_hf(params, cfg, out.value)}")
+      return
+    if inspect.value:
+      state, ckcfg = read(path.value, src.value)
+      family = detect(src.value, state, ckcfg)
+      if family == "data2vec2":
+        inv = d2v2.inventory(state, ckcfg)
+        inv["consumed"] = len(inv["consumed"])
+        print(json.dumps(inv, indent=1, default=str))
+        return
+    if not out.value and not inspect.value:
+      raise app.UsageError("--out is required (or --inspect)")
+    params, cfg, report = convert(path.value, src.value, config.value)
+    if fairseq_padding.value:
+      use_fairseq_padding(cfg, report)
+    print(json.dumps(report.summary(), indent=1))
+    if not inspect.value:
+      print(f"wrote {save(params, cfg, report, out.value)}")
+
+  app.run(main)
