@@ -260,35 +260,21 @@ def run(config, workdir: str) -> int:
       if step >= config.eval.start and (step % config.eval.every == 0 or step == total_steps):
         last_eval = validate(step)
       checkpointing.save(manager, step, state, data_iter=data_iter, config=config)
-      if preemption.should_stop(manager, step):
-        stop_reason = "preempted"
-        break
-      if config.stop_after_steps and step >= config.stop_after_steps:
-        stop_reason = "stop_after_steps"
+      stop = loop.stop_reason(config, manager, preemption, step)
+      if stop:
+        stop_reason = stop
         break
     log.drain()
     checkpointing.save(manager, step, state, data_iter=data_iter, config=config, force=True)
     checkpointing.wait(manager)
   finally:
-    preemption.uninstall()
-    log.close()
-    writer.close()
-    close = getattr(data_iter, "close", None)
-    if close is not None:
-      close()
+    loop.close_all(preemption, log, writer, data_iter)
 
-  if stop_reason == "finished" and process_index == 0:
-    out = os.path.join(workdir, "export", "params.msgpack")
-    export.export_workdir(workdir, out)
-    print(f"exported fine-tuned params to {out}", flush=True)
   summary = {"stop_reason": stop_reason, "step": step, "eval_s": eval_s, "best": best,
              **log.summary()}
   if last_eval is not None:
     summary["last_eval"] = last_eval
-  # One summary per process, as train.py writes them.
-  _write_json(os.path.join(workdir, "summary.json" if process_index == 0
-                           else f"summary.p{process_index}.json"), summary)
-  print(f"{stop_reason} at step {step}: {summary}", flush=True)
+  loop.finish(workdir, stop_reason, step, summary, what="fine-tuned")
   manager.close()
   best_manager.close()
   return 0

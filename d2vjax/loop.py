@@ -8,13 +8,15 @@ what every step costs in bookkeeping lives here once.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import Any, Callable
 
 import jax
 
 from d2vjax import metrics as metrics_lib
-from d2vjax import sharding
+from d2vjax import export, sharding
 
 
 def split_host(batch: dict) -> tuple[dict, dict]:
@@ -108,3 +110,38 @@ class StepLog:
 
   def close(self) -> None:
     self.progress.close()
+
+
+def stop_reason(config, manager, preemption, step: int) -> str | None:
+  """Why the loop must stop after ``step`` ('preempted' — the handler saved — or
+  'stop_after_steps'), or None to go on."""
+  if preemption.should_stop(manager, step):
+    return "preempted"
+  if config.stop_after_steps and step >= config.stop_after_steps:
+    return "stop_after_steps"
+  return None
+
+
+def close_all(preemption, log: StepLog, writer, data_iter) -> None:
+  """End of a loop, however it ended: signal handlers restored, progress/metric writers and the
+  data iterator (its worker processes) closed."""
+  preemption.uninstall()
+  log.close()
+  writer.close()
+  close = getattr(data_iter, "close", None)
+  if close is not None:
+    close()
+
+
+def finish(workdir: str, stop: str, step: int, summary: dict, *, what: str = "student") -> None:
+  """After the loop: the msgpack export of a finished run (process 0; ``what`` names the params
+  in the message) and ``summary.json`` (process 0) or ``summary.p<i>.json`` — every host reports
+  its own view, so hosts can be compared."""
+  if stop == "finished" and jax.process_index() == 0:
+    out = os.path.join(workdir, "export", "params.msgpack")
+    export.export_workdir(workdir, out)
+    print(f"exported {what} params to {out}", flush=True)
+  p = jax.process_index()
+  with open(os.path.join(workdir, "summary.json" if p == 0 else f"summary.p{p}.json"), "w") as f:
+    json.dump(summary, f, indent=1, default=float)
+  print(f"{stop} at step {step}: {summary}", flush=True)

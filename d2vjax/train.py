@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -18,7 +17,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from d2vjax import checkpointing, configs_lib, distributed, export, loop, metrics as metrics_lib
+from d2vjax import checkpointing, configs_lib, distributed, loop, metrics as metrics_lib
 from d2vjax import optim, probe, registry, sharding, step as step_lib
 
 # Exit codes of `run` (0 = finished or preempted-and-saved).
@@ -200,11 +199,9 @@ def run(config, workdir: str) -> int:
       if probed:
         writer.write_scalars(step, probed)
       checkpointing.save(manager, step, state, data_iter=data_iter, config=config)
-      if preemption.should_stop(manager, step):
-        stop_reason = "preempted"
-        break
-      if config.stop_after_steps and step >= config.stop_after_steps:
-        stop_reason = "stop_after_steps"
+      stop = loop.stop_reason(config, manager, preemption, step)
+      if stop:
+        stop_reason = stop
         break
     # Whatever stopped the loop, nothing already trained is lost.
     tail = log.drain({"compiles": train_step.compiles})
@@ -214,25 +211,12 @@ def run(config, workdir: str) -> int:
     checkpointing.save(manager, step, state, data_iter=data_iter, config=config, force=True)
     checkpointing.wait(manager)
   finally:
-    preemption.uninstall()
-    log.close()
-    writer.close()
-    close = getattr(data_iter, "close", None)
-    if close is not None:
-      close()
+    loop.close_all(preemption, log, writer, data_iter)
 
-  if stop_reason == "finished" and process_index == 0:
-    out = os.path.join(workdir, "export", "params.msgpack")
-    export.export_workdir(workdir, out)
-    print(f"exported student params to {out}", flush=True)
   summary = {"stop_reason": stop_reason, "step": step, "compiles": train_step.compiles,
              "last_loss": last_scalars.get("loss"), "recent_losses": list(recent_losses),
              "process_index": process_index, **log.summary()}
-  # One summary per process: every host reports its own view (identical losses expected).
-  name = "summary.json" if process_index == 0 else f"summary.p{process_index}.json"
-  with open(os.path.join(workdir, name), "w") as f:
-    json.dump(summary, f, indent=1, default=float)
-  print(f"{stop_reason} at step {step}: {summary}", flush=True)
+  loop.finish(workdir, stop_reason, step, summary, what="student")
   manager.close()
   return exit_code
 
