@@ -131,7 +131,8 @@ def main() -> None:
     for k in ("pretrain_wall_s", "finetune_wall_s"):
       if k not in row and k in done.get(name, {}):
         row[k] = done[name][k]
-    done[name] = row
+    # Re-read: another invocation (other variants, run in parallel) may have written meanwhile.
+    done = {r["variant"]: r for r in (_read(results_path) or [])} | {name: row}
     with open(results_path, "w") as f:
       json.dump(list(done.values()), f, indent=1)
     print(f"{name}: valid CER {100 * row['valid_cer']:.1f} % WER {100 * row['valid_wer']:.1f} %",
