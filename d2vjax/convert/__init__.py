@@ -168,6 +168,10 @@ def _width(state: dict) -> int:
   return 768
 
 
+# Jitted fresh-init programs: (config, init data, leaf paths) → jitted init of those leaves.
+_FRESH_INIT: dict = {}
+
+
 def _fill_missing(flat, shapes, mod, objective, config, report) -> None:
   """Params the checkpoint lacks: structural identities, or fresh init where the family says a
   checkpoint may legitimately lack them; anything else is an error."""
@@ -186,12 +190,19 @@ def _fill_missing(flat, shapes, mod, objective, config, report) -> None:
     return
   import jax  # pylint: disable=g-import-not-at-top
   # Param shapes do not depend on the input length: init on the family's shortest input. Only
-  # the needed leaves leave the jitted init, so XLA drops the rest of the model.
+  # the needed leaves leave the jitted init, so XLA drops the rest of the model; what remains is
+  # their RNG, slow for XLA:CPU to compile (≈0.3 s per random leaf), so it is compiled at
+  # optimisation level 1 (it runs once; values equal the default level's for the HF families)
+  # and kept per architecture and leaf set for later conversions in the process.
   data = ml_collections.ConfigDict(config.data.to_dict())
   data.update(getattr(mod, "INIT_DATA", {}))
-  init = lambda key, batch: {p: v for p, v in R.flatten(objective.init(key, batch)).items()
-                             if p in need}
-  fresh = jax.jit(init)(jax.random.key(0), objective.modality.dummy_batch(data))
+  key = (config.to_json_best_effort(), data.to_json_best_effort(), tuple(sorted(need)))
+  if key not in _FRESH_INIT:
+    keep = frozenset(need)
+    init = lambda rng, batch: {p: v for p, v in R.flatten(objective.init(rng, batch)).items()
+                               if p in keep}
+    _FRESH_INIT[key] = jax.jit(init, compiler_options={"xla_backend_optimization_level": 1})
+  fresh = _FRESH_INIT[key](jax.random.key(0), objective.modality.dummy_batch(data))
   for path, reason in need.items():
     flat[path] = np.asarray(fresh[path], np.float32)
     report.initialised[path] = f"fresh init: {reason}"

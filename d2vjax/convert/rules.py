@@ -155,7 +155,8 @@ def to_params(state: dict, rules: list[Rule], shapes: dict, report: Report) -> d
     flat dict path → float32 array (layers stacked when the model is scanned). Raises naming the
     source key when it is missing or its shape does not fit.
   """
-  flat, stacked = {}, {}
+  flat, filled = {}, {}
+  consumed = set(report.consumed)
   for r in rules:
     if r.src not in state:
       raise KeyError(f"{report.source}: missing checkpoint key {r.src!r} (needed for {r.dst})")
@@ -167,18 +168,25 @@ def to_params(state: dict, rules: list[Rule], shapes: dict, report: Report) -> d
     if not _fits(b.shape, want):
       raise ValueError(f"{report.source}: key {r.src!r} has shape {a.shape}, which does not fit "
                        f"d2vjax {path} {want} (derived config wrong or checkpoint damaged)")
-    b = np.ascontiguousarray(b.reshape(want))
     if r.layer is not None and path == r.dst:
-      stacked.setdefault(path, {})[r.layer] = b
+      # Scanned stack: the (transposing) copy goes straight into the layer's slot, so a Base
+      # model's weights are copied once, not once per layer and again by a stack.
+      if not 0 <= r.layer < shapes[path][0]:
+        raise KeyError(f"{report.source}: {r.src!r} is layer {r.layer}; the model has "
+                       f"{shapes[path][0]} layers")
+      if path not in flat:
+        flat[path] = np.empty(shapes[path], np.float32)
+      flat[path][r.layer] = b.reshape(want)
+      filled.setdefault(path, set()).add(r.layer)
     else:
-      flat[path] = b
-    if r.src not in report.consumed:
+      flat[path] = np.ascontiguousarray(b.reshape(want))
+    if r.src not in consumed:
+      consumed.add(r.src)
       report.consumed.append(r.src)
-  for path, per_layer in stacked.items():
+  for path, layers in filled.items():
     n = shapes[path][0]
-    if sorted(per_layer) != list(range(n)):
-      raise KeyError(f"{report.source}: {path}: layers {sorted(per_layer)} given, model has {n}")
-    flat[path] = np.stack([per_layer[i] for i in range(n)])
+    if sorted(layers) != list(range(n)):
+      raise KeyError(f"{report.source}: {path}: layers {sorted(layers)} given, model has {n}")
   return flat
 
 
