@@ -70,48 +70,41 @@ def layer_errors(d2v_out, hf_last, hf_outs, valid=None) -> list[float]:
   return errs + [rel_err(x, hf_last, valid)]
 
 
-def compare(model, params: dict, config, seed: int = 0) -> list[float]:
+def compare(model, params: dict, config, seed: int = 0) -> dict:
   """Per-layer relative errors of ``params`` (converted from the HF base ``model``) on a random
-  padded batch of 2 rows (the second padded): 1 s of audio, one image, or 64 tokens.
+  batch of 2 rows built by the family's converter module (``parity_batch``: 1 s of audio, an
+  image, or 64 tokens per row; audio and text have the second row padded).
 
-  data2vec audio is compared row by row on the unpadded rows: HF lets padded frames leak into
-  the last valid ones through its positional conv stack, d2vjax does not (docs/interop.md).
+  HF runs the padded batch with its attention mask, or each row alone where the family's HF
+  model cannot honour padding the way d2vjax does (data2vec audio, docs/interop.md).
+
+  Returns:
+    ``{'per_layer': [L + 1] errors (every block output, then the final output), 'rows': 2,
+    'padded_rows': rows of the d2vjax batch with padded positions}``.
   """
   import torch  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-  if config.modality == "speech":
-    wav = rng.standard_normal((2, 16000)).astype(np.float32)
-    pad = np.zeros(wav.shape, bool)
-    pad[1, 10000:] = True
-    wav[pad] = 0
-    out = d2v_layer_outputs(params, config, {"audio": wav, "padding_mask": pad})
-    if config.model.encoder.pos_encoder == "conv_stack":  # not conv_stack_fairseq
-      errs = []
-      for row, n in enumerate((16000, 10000)):
-        last, outs = hf_layer_outputs(model, input_values=torch.from_numpy(wav[row:row + 1, :n]))
-        valid = ~out[2][row]
-        one = (out[0][row:row + 1, valid], out[1][:, row:row + 1, valid], None)
-        errs.append(layer_errors(one, last, outs))
-      return list(np.max(errs, axis=0))
-    last, outs = hf_layer_outputs(model, input_values=torch.from_numpy(wav),
-                                  attention_mask=torch.from_numpy(~pad).long())
-    return layer_errors(out, last, outs, ~out[2])
-  if config.modality == "vision":
-    s = int(config.data.image_size)
-    img = rng.standard_normal((2, s, s, 3)).astype(np.float32)
-    out = d2v_layer_outputs(params, config, {"image": img})
-    last, outs = hf_layer_outputs(model, pixel_values=torch.from_numpy(
-        img.transpose(0, 3, 1, 2).copy()))
-    return layer_errors(out, last, outs)
-  n = min(64, int(config.model.max_positions))
-  tok = rng.integers(4, int(config.model.vocab_size), (2, n)).astype(np.int32)
-  pad = np.zeros(tok.shape, bool)
-  pad[1, n // 2:] = True
-  tok[pad] = int(config.model.padding_idx)
-  out = d2v_layer_outputs(params, config, {"tokens": tok, "padding_mask": pad})
-  last, outs = hf_layer_outputs(model, input_ids=torch.from_numpy(tok).long(),
-                                attention_mask=torch.from_numpy(~pad).long())
-  return layer_errors(out, last, outs, ~pad)
+  family = convert.FAMILIES.get(("hf", model.config.model_type))
+  if family is None:
+    raise ValueError(f"no Hugging Face family {model.config.model_type!r}; known: "
+                     f"{sorted(f for fmt, f in convert.FAMILIES if fmt == 'hf')}")
+  inputs, calls = family.module.parity_batch(config, np.random.default_rng(seed))
+  x, results, pad = d2v_layer_outputs(params, config, inputs)
+  errs = []
+  for rows, kwargs in calls:
+    last, outs = hf_layer_outputs(model, **{
+        k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in kwargs.items()})
+    valid = ~pad[rows]
+    if last.shape[1] == x.shape[1]:  # HF ran the rows padded to the batch length
+      errs.append(layer_errors((x[rows], results[:, rows], None), last, outs, valid))
+      continue
+    if len(rows) != 1 or last.shape[1] != valid.sum():
+      raise ValueError(f"HF output of rows {rows} has {last.shape[1]} positions: neither the "
+                       f"batch length {x.shape[1]} nor one row's {valid.sum()} valid ones")
+    # HF ran one row alone, unpadded: its positions are the row's valid ones.
+    errs.append(layer_errors((x[rows][valid], results[:, rows][:, valid], None), last[0],
+                             [o[0] for o in outs]))
+  return {"per_layer": [float(e) for e in np.max(errs, axis=0)], "rows": int(x.shape[0]),
+          "padded_rows": int(pad.any(axis=1).sum())}
 
 
 # Randomly initialised HF models: family → (config class, model class, config overrides).
@@ -152,14 +145,18 @@ def perturb(model, seed: int = 0, scale: float = 0.2):
 
 
 def check(model, seed: int = 0) -> dict:
-  """Convert an HF base model in memory and compare it: errors per layer and timings (s)."""
+  """Convert an HF base model in memory and ``compare`` it: errors per layer (``per_layer``,
+  worst ``max_rel_err``), batch coverage (``rows``, ``padded_rows``), timings (``convert_s``,
+  ``compare_s``) and the freshly initialised d2vjax params (``initialised``)."""
   t0 = time.time()
   state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
   params, config, report = convert.convert_state(state, "hf", model.config.to_dict())
   t1 = time.time()
-  errs = compare(model, params, config, seed)
+  res = compare(model, params, config, seed)
+  errs = res["per_layer"]
   return {"family": model.config.model_type, "layers": len(errs) - 1,
           "max_rel_err": max(errs), "per_layer": [float(f"{e:.3g}") for e in errs],
+          "rows": res["rows"], "padded_rows": res["padded_rows"],
           "convert_s": round(t1 - t0, 1), "compare_s": round(time.time() - t1, 1),
           "initialised": sorted(report.initialised)}
 

@@ -259,6 +259,28 @@ def identity_fill(path: str, shape: tuple):
   return None
 
 
+def parity_batch(config, rng: np.random.Generator) -> tuple[dict, list]:
+  """Random batch for ``parity.compare``: 2 rows of 1 s of 16 kHz audio, the second padded from
+  sample 10000 (0.625 s).
+
+  Returns:
+    (d2vjax inputs ``audio`` [2, 16000] float32 + ``padding_mask`` [2, 16000] bool, HF calls
+    ``[(rows, kwargs)]``). With the padding-invariant conv stack (data2vec audio) HF runs each
+    row alone, unpadded: HF zeroes padding once before its stack, so padded frames leak into the
+    last valid ones there and not in d2vjax (docs/interop.md); otherwise HF runs the padded batch
+    with its ``attention_mask``.
+  """
+  wav = rng.standard_normal((2, 16000)).astype(np.float32)
+  pad = np.zeros(wav.shape, bool)
+  pad[1, 10000:] = True
+  wav[pad] = 0
+  inputs = {"audio": wav, "padding_mask": pad}
+  if config.model.encoder.pos_encoder == "conv_stack":  # not conv_stack_fairseq
+    return inputs, [([row], {"input_values": wav[row:row + 1, :n]})
+                    for row, n in enumerate((16000, 10000))]
+  return inputs, [([0, 1], {"input_values": wav, "attention_mask": (~pad).astype(np.int64)})]
+
+
 def hf_config(c, model_type: str) -> dict:
   """config.json for HF ``Wav2Vec2Model`` / ``Data2VecAudioModel`` equal to d2vjax config ``c``."""
   e, m = c.model.encoder, c.model

@@ -116,6 +116,23 @@ def hf_extra(flat: dict) -> dict:
   return {TOKEN_TYPE: np.zeros((1, d), np.float32)}
 
 
+def parity_batch(config, rng: np.random.Generator) -> tuple[dict, list]:
+  """Random batch for ``parity.compare``: 2 rows of ``min(64, max_positions)`` random tokens, the
+  second right-padded (pad id) from half its length.
+
+  Returns:
+    (d2vjax inputs ``tokens`` [2, N] int32 + ``padding_mask`` [2, N] bool, HF calls
+    ``[(rows, {'input_ids', 'attention_mask'})]``, both int64 [2, N]).
+  """
+  n = min(64, int(config.model.max_positions))
+  tok = rng.integers(4, int(config.model.vocab_size), (2, n)).astype(np.int32)
+  pad = np.zeros(tok.shape, bool)
+  pad[1, n // 2:] = True
+  tok[pad] = int(config.model.padding_idx)
+  return {"tokens": tok, "padding_mask": pad}, [
+      ([0, 1], {"input_ids": tok.astype(np.int64), "attention_mask": (~pad).astype(np.int64)})]
+
+
 def hf_config(c, model_type: str = "data2vec-text") -> dict:
   """config.json of an HF ``Data2VecTextModel`` equal to d2vjax config ``c``."""
   del model_type

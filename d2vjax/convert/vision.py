@@ -3,6 +3,8 @@ frontend + the shared pre-LN Transformer with layer scale and the shared relativ
 
 from __future__ import annotations
 
+import numpy as np
+
 from d2vjax.convert import rules as R
 
 PREFIX = "data2vec_vision."
@@ -100,6 +102,18 @@ def rules(state: dict, fmt: str, shapes: dict) -> list[R.Rule]:
   if "layernorm.weight" in state:
     out += R.norm("layernorm", "encoder/layer_norm/norm")
   return out
+
+
+def parity_batch(config, rng: np.random.Generator) -> tuple[dict, list]:
+  """Random batch for ``parity.compare``: 2 images of ``data.image_size`` px (no padding).
+
+  Returns:
+    (d2vjax inputs ``image`` [2, S, S, 3] float32, HF calls ``[(rows, {'pixel_values':
+    [2, 3, S, S]})]``).
+  """
+  s = int(config.data.image_size)
+  img = rng.standard_normal((2, s, s, 3)).astype(np.float32)
+  return {"image": img}, [([0, 1], {"pixel_values": img.transpose(0, 3, 1, 2).copy()})]
 
 
 def hf_config(c, model_type: str = "data2vec-vision") -> dict:
