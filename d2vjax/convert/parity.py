@@ -134,13 +134,15 @@ def random_model(family: str, seed: int = 0):
 
 
 def perturb(model, seed: int = 0, scale: float = 0.2):
-  """Add noise to every parameter of a torch model (LayerNorm gains/biases too, which HF inits
-  to 1/0), so a key mapped to the wrong place changes the output. Returns it in eval mode."""
+  """Add Gaussian noise of std ``scale · max(std(p), 0.05)`` to every parameter ``p`` of a torch
+  model (LayerNorm gains/biases too, which HF inits to 1/0), so a key mapped to the wrong place
+  changes the output. Returns it in eval mode."""
   import torch  # pylint: disable=g-import-not-at-top
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for p in model.parameters():
-      p.add_(scale * p.std().clamp(min=0.05) * torch.randn(p.shape, generator=g))
+      # alpha= scales inside add_: no noise-sized temporary (a Base model has 95M–125M params).
+      p.add_(torch.randn(p.shape, generator=g), alpha=scale * max(float(p.std()), 0.05))
   return model.eval()
 
 
