@@ -68,11 +68,13 @@ def load_init(path: str, *, with_params: bool = True) -> tuple[dict | None, dict
 
 
 def pretrained_subtrees(objective, params_shape: dict, pretrained: dict) -> dict:
-  """The pre-trained subtrees the fine-tuning model reuses (``frontend``, ``encoder`` and, for
-  learned masks, ``mask_emb``), shape-checked against the model. The rest of the checkpoint
+  """The pre-trained subtrees the fine-tuning model reuses (``frontend``, ``encoder``, for
+  data2vec 2.0 ``context``, and for learned masks ``mask_emb``), shape-checked against the model. The rest of the checkpoint
   (heads, quantizer, projections) is dropped."""
   out = {}
   for key in objective.pretrained_keys():
+    if key not in params_shape:  # e.g. ``context``: only data2vec 2.0 models have one
+      continue
     if key not in pretrained:
       if key == "mask_emb":
         logging.warning("the pre-trained checkpoint has no mask_emb: the fine-tuning mask "
@@ -130,7 +132,7 @@ def run(config, workdir: str) -> int:
   n_dev = config.num_devices or len(devices)
   if n_dev > len(devices):
     raise ValueError(f"num_devices={n_dev} but only {len(devices)} devices are visible")
-  mesh = sharding.make_mesh(config.mesh, devices[:n_dev])
+  mesh = sharding.make_mesh(config.mesh, devices[:n_dev], config.get("dcn_mesh", ()))
   replicated = NamedSharding(mesh, P())
   batch_sharding = sharding.batch_sharding(mesh)
   # Every micro-batch must split evenly over the data-parallel devices.
@@ -209,8 +211,10 @@ def run(config, workdir: str) -> int:
   no_teacher = train.EmaSchedule(1.0, 1.0, 0)
   step_fn = step_lib.make_train_step(objective, tx, lr_fn, no_teacher, config.seed,
                                      config.accum_steps)
-  train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
-                       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+  train_step = sharding.MeshStep(step_fn, mesh, in_shardings=(state_sharding, batch_sharding),
+                                 out_shardings=(state_sharding, replicated), donate_argnums=(0,),
+                                 max_compiles=config.get("max_step_compiles", 0) or len(shapes),
+                                 name="fine-tune step")
   evaluator = task.make_evaluator(
       config, objective, valid_ex, param_sharding=state_sharding["params"],
       batch_sharding=batch_sharding, batch_multiple=sharding.batch_size_multiple(mesh),
@@ -256,7 +260,7 @@ def run(config, workdir: str) -> int:
                                       process_count)
       state, _ = log.run_step(train_step, state, batch, step + 1, units)
       step += 1
-      log.maybe_log(step, config.log_every)
+      log.maybe_log(step, config.log_every, {"compiles": train_step.compiles})
       if step >= config.eval.start and (step % config.eval.every == 0 or step == total_steps):
         last_eval = validate(step)
       checkpointing.save(manager, step, state, data_iter=data_iter, config=config)
@@ -264,14 +268,14 @@ def run(config, workdir: str) -> int:
       if stop:
         stop_reason = stop
         break
-    log.drain()
+    log.drain({"compiles": train_step.compiles})
     checkpointing.save(manager, step, state, data_iter=data_iter, config=config, force=True)
     checkpointing.wait(manager)
   finally:
     loop.close_all(preemption, log, writer, data_iter)
 
-  summary = {"stop_reason": stop_reason, "step": step, "eval_s": eval_s, "best": best,
-             **log.summary()}
+  summary = {"stop_reason": stop_reason, "step": step, "compiles": train_step.compiles,
+             "eval_s": eval_s, "best": best, **log.summary()}
   if last_eval is not None:
     summary["last_eval"] = last_eval
   loop.finish(workdir, stop_reason, step, summary, what="fine-tuned")

@@ -262,7 +262,7 @@ def test_noise_masks_replace_masked_frames():
   obj = registry.get("objective", "ctc")(c)
   batch = _batch(obj.vocab, np.random.default_rng(1))
   params = jax.jit(obj.init)(jax.random.key(0), batch)
-  assert "mask_emb" not in params and obj.pretrained_keys() == ("frontend", "encoder")
+  assert "mask_emb" not in params and obj.pretrained_keys() == ("frontend", "context", "encoder")
   logits = jax.jit(lambda p, b, r: obj.logits(p, b, train=True, rng=r)[0])
   a, b = logits(params, batch, jax.random.key(1)), logits(params, batch, jax.random.key(2))
   assert not np.allclose(np.asarray(a), np.asarray(b))

@@ -62,6 +62,8 @@ def test_normalization_mismatch_is_refused(tmp_path):
     finetune.resolve_config(c, pretrained=None, vocab=vocab)
   w2v = dict(pre, objective="wav2vec2")
   assert finetune.resolve_config(c, pretrained=w2v, vocab=vocab).masking.min_masks == 2
+  d2v2 = finetune.resolve_config(c, pretrained=dict(pre, objective="data2vec2"), vocab=vocab)
+  assert d2v2.finetune.mask_kind == "noise" and d2v2.masking.min_masks == 1
 
 
 @pytest.mark.slow
@@ -95,6 +97,7 @@ def test_finetune_resume_best_checkpoint_evaluate(tmp_path):
   assert open(os.path.join(workdir, "dict.ltr.txt")).readline().startswith("| ")
   summary = json.load(open(os.path.join(workdir, "summary.json")))
   assert summary["stop_reason"] == "finished" and summary["step"] == 6
+  assert summary["compiles"] == 1  # one bucket: one fine-tuning step program (resumed run)
 
   # Pre-trained parts were loaded (the CNN never trains, so it still equals the export's).
   final = checkpointing.restore_params_only(os.path.join(workdir, "checkpoints"))

@@ -18,7 +18,7 @@ Registered as ``image_classification`` and ``sentence_classification`` (one obje
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -27,31 +27,36 @@ import ml_collections
 import optax
 
 from d2vjax import optim, registry
-from d2vjax.models import layers, transformer
+from d2vjax.models import transformer
 from d2vjax.objectives import base
 
 LABEL_KEYS = ("labels", "targets", "row_valid")
 
 
 class ClassifierModel(nn.Module):
-  """Params: ``frontend``, ``encoder``, ``head``. ``__call__(inputs, train)`` → fp32
-  ``[B, num_outputs]``."""
+  """Params: ``frontend``, ``context`` (data2vec 2.0 models only), ``encoder``, ``head``.
+  ``__call__(inputs, train)`` → fp32 ``[B, num_outputs]``."""
   frontend: nn.Module
   encoder: nn.Module
   head: nn.Module
+  context: Optional[nn.Module] = None
 
   def features(self, inputs: dict, train: bool = False) -> dict:
     """The frontend's outputs (``features [B, T, D]``, ``padding_mask [B, T]``)."""
     return self.frontend(inputs, train)
 
   def contextualize(self, x, padding_mask, train: bool = False):
-    """Transformer: ``[B, T, D]`` → (``[B, T, D]``, layer results ``[L, B, T, D]``)."""
-    return self.encoder(x, padding_mask, train)
+    """[Context encoder →] Transformer: ``[B, T, D]`` → (``[B, T', D]``, layer results
+    ``[L, B, T', D]``); T' includes a data2vec 2.0 context encoder's extra tokens (image CLS
+    first, the layout the heads expect)."""
+    x, results, _ = base.contextualize(self.context, self.encoder, x, padding_mask, train)
+    return x, results
 
   def __call__(self, inputs: dict, train: bool = False):
     f = self.frontend(inputs, train)
-    x, _ = self.encoder(f["features"], f["padding_mask"], train)
-    return self.head(x, f["padding_mask"], train)
+    x, _, pad = base.contextualize(self.context, self.encoder, f["features"], f["padding_mask"],
+                                   train)
+    return self.head(x, pad, train)
 
 
 def finetune_model_config(model_cfg, ft_cfg) -> ml_collections.ConfigDict:
@@ -83,19 +88,16 @@ class Classify(base.Encoder):
 
   def __init__(self, config):
     self.config = config
-    self.modality = registry.get("modality", config.modality)
     ft = config.finetune
-    self.model_cfg = finetune_model_config(config.model, ft)
+    (self.modality, self.model_cfg, self.encoder_cfg, dtype, frontend,
+     context) = base.finetune_parts(config, finetune_model_config)
     m = self.model_cfg
-    self.encoder_cfg = transformer.encoder_config(m.encoder)
-    dtype = layers.dtype_of(self.encoder_cfg.dtype)
     self.regression = bool(ft.get("regression", False))
     self.num_outputs = 1 if self.regression else int(config.num_classes)
     head_cfg = dict(ft.head)
     head_cls = registry.get("cls_head", head_cfg.pop("kind"))
     self.model = ClassifierModel(
-        frontend=self.modality.frontend(m, self.encoder_cfg.dim, dtype),
-        encoder=transformer.TransformerEncoder(self.encoder_cfg),
+        frontend=frontend, context=context, encoder=transformer.TransformerEncoder(self.encoder_cfg),
         head=head_cls(num_outputs=self.num_outputs, **head_cfg))
     self.ema_scope: tuple[str, ...] = ()
     self.ema_copy: tuple[str, ...] = ()
@@ -112,8 +114,8 @@ class Classify(base.Encoder):
     return {}
 
   def pretrained_keys(self) -> tuple[str, ...]:
-    """Top-level param subtrees taken from a pre-trained checkpoint."""
-    return ("frontend", "encoder")
+    """Top-level param subtrees taken from a pre-trained checkpoint (those the model has)."""
+    return ("frontend", "context", "encoder")
 
   def make_optimizer(self, optim_cfg, lr_fn: Callable, params) -> optax.GradientTransformation:
     """AdamW with the config's no-decay and layer-decay settings (``optim.make_optimizer``)."""

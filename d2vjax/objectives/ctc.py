@@ -28,7 +28,7 @@ by the number of utterances (``sentence_avg``).
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -71,12 +71,13 @@ def ctc_loss(logits: jax.Array, logit_padding: jax.Array, labels: jax.Array,
 
 
 class CtcModel(nn.Module):
-  """Params: ``frontend``, ``encoder``, ``mask_emb`` (D,; only for ``mask_kind='learned'``),
-  ``proj`` (Linear D → V)."""
+  """Params: ``frontend``, ``context`` (data2vec 2.0 models only), ``encoder``, ``mask_emb``
+  (D,; only for ``mask_kind='learned'``), ``proj`` (Linear D → V)."""
   frontend: nn.Module
   encoder: nn.Module
   dim: int
   vocab_size: int
+  context: Optional[nn.Module] = None
   dropout_input: float = 0.0
   final_dropout: float = 0.0
   mask_kind: str = "learned"
@@ -98,8 +99,10 @@ class CtcModel(nn.Module):
     return self.frontend(inputs, train)
 
   def contextualize(self, x, padding_mask, train: bool = False):
-    """Transformer: ``[B, T, D]`` → (``[B, T, D]``, layer results ``[L, B, T, D]``)."""
-    return self.encoder(x, padding_mask, train)
+    """[Context encoder →] Transformer: ``[B, T, D]`` → (``[B, T, D]``, layer results
+    ``[L, B, T, D]``)."""
+    x, results, _ = base.contextualize(self.context, self.encoder, x, padding_mask, train)
+    return x, results
 
   def body(self, inputs: dict, mask=None, channel_mask=None, train: bool = False):
     """Frontend → dropout → time mask → channel mask → Transformer.
@@ -118,8 +121,10 @@ class CtcModel(nn.Module):
       x = jnp.where(mask[..., None], fill, x)
     if channel_mask is not None:
       x = jnp.where(channel_mask[:, None, :], 0, x)
-    x, _ = self.encoder(x, f["padding_mask"], train)
-    return x, f["padding_mask"]
+    # data2vec 2.0: relative positions are computed from the masked frames, as fairseq's
+    # contextualized_features does when masked frames are kept (fine-tuning).
+    x, _, pad = base.contextualize(self.context, self.encoder, x, f["padding_mask"], train)
+    return x, pad
 
   def head(self, x, train: bool = False):
     """Dropout → Linear(D → V); fp32 logits ``[B, T, V]``."""
@@ -182,16 +187,14 @@ class Ctc(base.Encoder):
 
   def __init__(self, config):
     self.config = config
-    self.modality = registry.get("modality", config.modality)
     ft = config.finetune
-    self.model_cfg = finetune_model_config(config.model, ft)
+    (self.modality, self.model_cfg, self.encoder_cfg, dtype, frontend,
+     context) = base.finetune_parts(config, finetune_model_config)
     m = self.model_cfg
-    self.encoder_cfg = transformer.encoder_config(m.encoder)
-    dtype = layers.dtype_of(self.encoder_cfg.dtype)
     self.vocab = asr.Vocabulary(tuple(config.vocab))
     self.mask_kind = str(ft.mask_kind)
     self.model = CtcModel(
-        frontend=self.modality.frontend(m, self.encoder_cfg.dim, dtype),
+        frontend=frontend, context=context,
         encoder=transformer.TransformerEncoder(self.encoder_cfg), dim=self.encoder_cfg.dim,
         vocab_size=len(self.vocab), dropout_input=m.dropout_input,
         final_dropout=float(ft.final_dropout), mask_kind=self.mask_kind,
@@ -214,8 +217,9 @@ class Ctc(base.Encoder):
     return {}
 
   def pretrained_keys(self) -> tuple[str, ...]:
-    """Top-level param subtrees taken from a pre-trained checkpoint."""
-    return ("frontend", "encoder") + (("mask_emb",) if self.mask_kind == "learned" else ())
+    """Top-level param subtrees taken from a pre-trained checkpoint (those the model has)."""
+    return (("frontend", "context", "encoder")
+            + (("mask_emb",) if self.mask_kind == "learned" else ()))
 
   def make_optimizer(self, optim_cfg, lr_fn: Callable, params) -> optax.GradientTransformation:
     """AdamW (``optim.make_optimizer``) on three partitions: the CNN gets nothing, the output

@@ -91,10 +91,40 @@ class Data2Vec2Model(nn.Module):
     return self.decoder(x)
 
 
+def context_encoder(model_cfg, encoder_cfg: transformer.EncoderConfig,
+                    dtype) -> d2v2.ContextEncoder:
+  """The ``d2v2.ContextEncoder`` of ``model_cfg.context``; its prenet blocks are configured like
+  the trunk's (``encoder_cfg``) with the context's depth and LayerDrop."""
+  c = model_cfg.context
+  prenet = dataclasses.replace(encoder_cfg, num_layers=int(c.prenet_depth),
+                               layerdrop=float(c.prenet_layerdrop), input_dropout=0.0)
+  return d2v2.ContextEncoder(
+      encoder_cfg.dim, encoder_cfg.num_heads, prenet, rel_pos=c.rel_pos,
+      pos_width=int(c.pos_width), pos_groups=int(c.pos_groups), pos_depth=int(c.pos_depth),
+      alibi=bool(c.alibi), alibi_scale=float(c.alibi_scale), extra_tokens=int(c.extra_tokens),
+      norm=bool(c.norm), norm_eps=encoder_cfg.norm_eps, prenet_dropout=float(c.prenet_dropout),
+      dtype=dtype)
+
+
 @registry.register("objective", "data2vec2")
 class Data2Vec2(base.Encoder):
   """data2vec 2.0: builds the model from the config and provides ``init``, ``init_teacher``,
-  ``targets`` and ``loss``; the shared train step does the rest."""
+  ``targets`` and ``loss``; the shared train step does the rest.
+
+  Fine-tuning a data2vec 2.0 model keeps its local encoder and context encoder (relative
+  positions, ALiBi, extra tokens, LayerNorm, prenet) in front of the trunk, as fairseq's
+  ``Data2VecMultiModel`` does with ``features_only``; masked frames get N(0, σ²) noise, not a
+  learned token (spec §6.4, §9.1)."""
+
+  finetune_mask_kind = "noise"
+
+  @staticmethod
+  def finetune_frontend(modality, model_cfg, dim: int, dtype):
+    return modality.local_encoder(model_cfg, dim, dtype)
+
+  @staticmethod
+  def finetune_context(model_cfg, encoder_cfg, dtype):
+    return context_encoder(model_cfg, encoder_cfg, dtype)
 
   def __init__(self, config):
     self.config = config
@@ -103,15 +133,9 @@ class Data2Vec2(base.Encoder):
     enc = transformer.encoder_config(m.encoder)
     self.encoder_cfg = enc
     dtype = layers.dtype_of(enc.dtype)
-    c, d = m.context, m.decoder
-    prenet = dataclasses.replace(enc, num_layers=int(c.prenet_depth),
-                                 layerdrop=float(c.prenet_layerdrop), input_dropout=0.0)
-    self.extra_tokens = int(c.extra_tokens)
-    context = d2v2.ContextEncoder(
-        enc.dim, enc.num_heads, prenet, rel_pos=c.rel_pos, pos_width=int(c.pos_width),
-        pos_groups=int(c.pos_groups), pos_depth=int(c.pos_depth), alibi=bool(c.alibi),
-        alibi_scale=float(c.alibi_scale), extra_tokens=self.extra_tokens, norm=bool(c.norm),
-        norm_eps=enc.norm_eps, prenet_dropout=float(c.prenet_dropout), dtype=dtype)
+    d = m.decoder
+    self.extra_tokens = int(m.context.extra_tokens)
+    context = context_encoder(m, enc, dtype)
     decoder = registry.get("decoder", d.kind)(
         enc.dim, decoder_dim=int(d.dim), kernel=int(d.kernel), num_layers=int(d.layers),
         groups=int(d.groups), residual=bool(d.residual),

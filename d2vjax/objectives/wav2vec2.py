@@ -125,6 +125,8 @@ class Wav2Vec2Model(nn.Module):
 class Wav2Vec2(base.Encoder):
   """wav2vec 2.0: contrastive + diversity + feature penalty. No teacher (empty teacher pytree)."""
 
+  finetune_min_masks = 2  # wav2vec2.py apply_mask uses min_masks 2 (fairseq-spec §2.1)
+
   def __init__(self, config):
     self.config = config
     self.modality = registry.get("modality", config.modality)

@@ -55,9 +55,9 @@ def resolve_config(config, *, pretrained: dict | None, vocab: asr.Vocabulary,
 
   From ``pretrained`` (the pre-training config; None = from scratch): ``model``,
   ``finetune.pretrained_objective`` and ``data.normalize`` (an explicit, different value raises
-  ``NormalizeMismatchError``). Then unset choices follow the pre-trained objective: time-mask
-  ``min_masks`` 2 for wav2vec 2.0 and 1 for data2vec (spec §9.1), ``mask_kind`` 'noise' for
-  data2vec 2.0 and 'learned' otherwise (spec §2.1). ``vocab`` is stored as its token list.
+  ``NormalizeMismatchError``). Then unset choices follow the pre-trained objective's class
+  (``finetune_min_masks``: wav2vec 2.0 2, data2vec 1; ``finetune_mask_kind``: data2vec 2.0
+  'noise', otherwise 'learned'; spec §2.1, §9.1). ``vocab`` is stored as its token list.
   """
   c = ml_collections.ConfigDict(config.to_dict() if hasattr(config, "to_dict") else config)
   c.init = init
@@ -65,11 +65,11 @@ def resolve_config(config, *, pretrained: dict | None, vocab: asr.Vocabulary,
   if pretrained is not None:
     c.model = ml_collections.ConfigDict(pretrained["model"])
     c.finetune.pretrained_objective = _pretrained_objective(pretrained)
-  obj = c.finetune.pretrained_objective
+  pre = registry.get("objective", str(c.finetune.pretrained_objective))
   if c.masking.min_masks is None:
-    c.masking.min_masks = 2 if obj == "wav2vec2" else 1
+    c.masking.min_masks = int(pre.finetune_min_masks)
   if c.finetune.mask_kind is None:
-    c.finetune.mask_kind = "noise" if obj == "data2vec2" else "learned"
+    c.finetune.mask_kind = str(pre.finetune_mask_kind)
   c.vocab = list(vocab.tokens)
   return c
 
