@@ -189,6 +189,9 @@ def speech_model(size: str, **overrides) -> ml_collections.ConfigDict:
           layerdrop=0.05 if size == "base" else 0.0,
           layer_norm_first=False,  # post-LN (spec §11.26)
           pos_encoder="conv_stack", pos_width=95, pos_depth=5, pos_groups=16,  # spec §1.3b
+          # Which output of each block the teacher reports: FFN output before the last residual
+          # (data2vec §3.3, Table 4 'FFN'); 'attn' / 'block' are Table 4's ablations.
+          layer_result="ffn",
           norm_eps=1e-5, scan=True, remat="none", dtype="float32",
           residual_tensor=False,  # also split D over 'tensor' between blocks (docs/scaling.md)
       ),
