@@ -48,13 +48,22 @@ VARIANTS = {
 }
 
 
-def _run(cmd: list[str], log: str) -> float:
-  """Runs ``cmd`` from the repository root with output to ``log``; returns wall seconds."""
+# Exit code of ``d2vjax.train`` when the collapse guard stopped the run (after saving).
+COLLAPSED = 3
+# Pre-training outcomes that leave a checkpoint to fine-tune from. A collapsed run is a result
+# (data2vec Table 4: self-attention-output targets "do not yield a usable model"): it is
+# fine-tuned from its last checkpoint like the others and marked in the table.
+PRETRAIN_DONE = ("finished", "collapsed")
+
+
+def _run(cmd: list[str], log: str, ok: tuple[int, ...] = (0,)) -> float:
+  """Runs ``cmd`` from the repository root with output to ``log``; returns wall seconds. An exit
+  code outside ``ok`` stops the study."""
   print("$", " ".join(cmd), flush=True)
   t0 = time.time()
   with open(log, "w") as f:
     code = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-  if code:
+  if code not in ok:
     raise SystemExit(f"command failed with exit code {code}; see {log}")
   return time.time() - t0
 
@@ -77,10 +86,12 @@ def run_variant(name: str, out: str, finetune_steps: int) -> dict:
                f"--workdir={pre_dir}"] + extra
     row["pretrain_command"] = " ".join(pre_cmd[1:])
     summary = _read(os.path.join(pre_dir, "summary.json"))
-    if summary is None or summary.get("stop_reason") != "finished":
-      row["pretrain_wall_s"] = _run(pre_cmd, os.path.join(out, name, "pretrain.log"))
+    if summary is None or summary.get("stop_reason") not in PRETRAIN_DONE:
+      row["pretrain_wall_s"] = _run(pre_cmd, os.path.join(out, name, "pretrain.log"),
+                                    ok=(0, COLLAPSED))
       summary = _read(os.path.join(pre_dir, "summary.json"))
     row["pretrain_steps"] = summary["step"]
+    row["pretrain_stop"] = summary["stop_reason"]
     row["pretrain_last_loss"] = summary.get("last_loss")
   ft_cmd = [sys.executable, "-m", "d2vjax.finetune",
             f"--config=configs/ctc_base_10m.py:cpu,steps={finetune_steps}",
@@ -104,7 +115,10 @@ def markdown(rows: list[dict]) -> str:
            "pre-train wall | fine-tune wall |", "|---|---|---|---|---|---|---|---|"]
   fmt_t = lambda s: "—" if s is None else f"{s / 60:.1f} min"
   for r in rows:
-    lines.append(f"| {r['variant']} | {r['description']} | {100 * r['valid_cer']:.1f} | "
+    desc = r["description"]
+    if r.get("pretrain_stop") == "collapsed":
+      desc += f" (pre-training collapsed at step {r['pretrain_steps']})"
+    lines.append(f"| {r['variant']} | {desc} | {100 * r['valid_cer']:.1f} | "
                  f"{100 * r['valid_wer']:.1f} | {100 * r['last_cer']:.1f} | "
                  f"{100 * r['last_wer']:.1f} | {fmt_t(r.get('pretrain_wall_s'))} | "
                  f"{fmt_t(r.get('finetune_wall_s'))} |")

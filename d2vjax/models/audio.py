@@ -146,14 +146,31 @@ class AudioFeatureEncoder(nn.Module):
 
 
 def _grouped_conv(x, kernel, bias, groups: int):
-  """1-D grouped conv with 'same' zero padding k//2 on both sides. x ``[B, T, C]``, kernel ``[k, C/g, C]``."""
+  """1-D grouped conv with 'same' zero padding k//2 on both sides (PyTorch ``Conv1d(padding=k//2,
+  groups=g)`` + SamePad). x ``[B, T, C]``, kernel ``[k, C/g, C]``, bias ``[C]`` → ``[B, T, C]``.
+
+  On CPU it runs as a sum over the k taps of per-group matmuls on shifted views: XLA:CPU's
+  grouped convolution (``feature_group_count``) and its gradients are 2.4–4.8× slower than that
+  form for the positional convs (16 groups; k = 19 at D = 256/768, k = 128 at D = 768; forward +
+  backward, docs/benchmarks.md). Other backends keep the library convolution (cuDNN/TPU convs are
+  fast and the tap sum would unroll k matmuls into the program).
+  """
   k = kernel.shape[0]
+  t = x.shape[1]
+  if jax.default_backend() == "cpu":
+    b, c = x.shape[0], x.shape[-1]
+    o = kernel.shape[-1]
+    xp = jnp.pad(x, ((0, 0), (k // 2, k // 2), (0, 0))).reshape(b, t + 2 * (k // 2), groups,
+                                                                  c // groups)
+    w = kernel.astype(x.dtype).reshape(k, c // groups, groups, o // groups)
+    y = sum(jnp.einsum("btgc,cgo->btgo", xp[:, a:a + t], w[a]) for a in range(k))
+    return y.reshape(b, t, o) + bias.astype(x.dtype)
   y = jax.lax.conv_general_dilated(
       x, kernel.astype(x.dtype), window_strides=(1,), padding=[(k // 2, k // 2)],
       dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups)
   y = y + bias.astype(x.dtype)
   # SamePad: an even kernel with k//2 padding yields T+1 frames; drop the last (spec §1.3).
-  return y[:, : x.shape[1]]
+  return y[:, :t]
 
 
 @registry.register("pos_encoder", "conv")
