@@ -149,11 +149,13 @@ def _grouped_conv(x, kernel, bias, groups: int):
   """1-D grouped conv with 'same' zero padding k//2 on both sides (PyTorch ``Conv1d(padding=k//2,
   groups=g)`` + SamePad). x ``[B, T, C]``, kernel ``[k, C/g, C]``, bias ``[C]`` → ``[B, T, C]``.
 
-  On CPU it runs as a sum over the k taps of per-group matmuls on shifted views: XLA:CPU's
-  grouped convolution (``feature_group_count``) and its gradients are 2.4–4.8× slower than that
-  form for the positional convs (16 groups; k = 19 at D = 256/768, k = 128 at D = 768; forward +
-  backward, docs/benchmarks.md). Other backends keep the library convolution (cuDNN/TPU convs are
-  fast and the tap sum would unroll k matmuls into the program).
+  On CPU it runs as ONE batched matmul over the k shifted views (``[B, T, k, g, C/g]``, k times
+  the activation memory): XLA:CPU's grouped convolution (``feature_group_count``) and its
+  gradients are 2.4–4.8× slower for the positional convs (16 groups; k = 19 at D = 256/768,
+  k = 128 at D = 768; forward + backward), and a sum of k per-tap matmuls makes XLA:CPU fuse the
+  sum into the following LayerNorm and recompute it (data2vec's conv stack 8× slower). Measured
+  in docs/benchmarks.md. Other backends keep the library convolution (cuDNN/TPU grouped convs are
+  fast and need no k-fold buffer).
   """
   k = kernel.shape[0]
   t = x.shape[1]
@@ -163,7 +165,8 @@ def _grouped_conv(x, kernel, bias, groups: int):
     xp = jnp.pad(x, ((0, 0), (k // 2, k // 2), (0, 0))).reshape(b, t + 2 * (k // 2), groups,
                                                                   c // groups)
     w = kernel.astype(x.dtype).reshape(k, c // groups, groups, o // groups)
-    y = sum(jnp.einsum("btgc,cgo->btgo", xp[:, a:a + t], w[a]) for a in range(k))
+    taps = jnp.stack([xp[:, a:a + t] for a in range(k)], axis=2)  # [B, T, k, g, C/g]
+    y = jnp.einsum("btkgc,kcgo->btgo", taps, w)
     return y.reshape(b, t, o) + bias.astype(x.dtype)
   y = jax.lax.conv_general_dilated(
       x, kernel.astype(x.dtype), window_strides=(1,), padding=[(k // 2, k // 2)],
