@@ -9,7 +9,12 @@ the d2vjax config's ``model`` section and returns FLOPs of ONE forward pass.
 
 from __future__ import annotations
 
-from d2vjax.models import audio
+from d2vjax.models import audio, transformer as transformer_lib
+
+
+def _resolved(enc) -> transformer_lib.EncoderConfig:
+  """``model.encoder`` with the variant's sizes filled in (configs leave them None)."""
+  return enc if isinstance(enc, transformer_lib.EncoderConfig) else transformer_lib.encoder_config(enc)
 
 
 def transformer(tokens: int, rows: int, enc) -> float:
@@ -17,6 +22,7 @@ def transformer(tokens: int, rows: int, enc) -> float:
   projections 4·D², FFN 2·D·F, attention scores and weighted sum 2·T·D per token, plus the
   convolutional positional layer (kernel ``pos_width``) or data2vec's stack (``pos_depth``
   layers of kernel max(3, ``pos_width`` // ``pos_depth``)), grouped by ``pos_groups``."""
+  enc = _resolved(enc)
   d, f, n = int(enc.dim), int(enc.ffn_dim), rows * tokens
   per_layer = 2 * n * (4 * d * d + 2 * d * f) + 2 * 2 * rows * tokens * tokens * d
   total = int(enc.num_layers) * per_layer
@@ -38,7 +44,7 @@ def speech_frontend(samples: int, rows: int, model) -> float:
     length = (length - k) // s + 1
     total += 2 * rows * length * c_in * c * k
     c_in = c
-  total += 2 * rows * length * c * int(model.encoder.dim)
+  total += 2 * rows * length * c * int(_resolved(model.encoder).dim)
   return float(total)
 
 
@@ -52,7 +58,7 @@ def vision_encoder(image_size: int, rows: int, model) -> float:
   """Patch embedding (a p × p × 3 → D matmul per patch) + Transformer on 1 + patches tokens."""
   p = int(model.patch_size)
   patches = (image_size // p) ** 2
-  d = int(model.encoder.dim)
+  d = int(_resolved(model.encoder).dim)
   return float(2 * rows * patches * p * p * 3 * d) + transformer(patches + 1, rows, model.encoder)
 
 
