@@ -27,6 +27,7 @@ import numpy as np
 
 from d2vjax import optim, registry, step as step_lib
 from d2vjax.train import EmaSchedule
+import timing  # bench/ is on sys.path when run as a script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,15 +62,7 @@ def measure(config_path: str, arg: str, rows: int, samples: int, steps: int) -> 
   state, m = step(state, batches[0])
   jax.block_until_ready(m)
   compile_s = time.perf_counter() - t0
-  for i in range(3):
-    state, m = step(state, batches[(i + 1) % 4])
-  jax.block_until_ready(m)
-  times = []
-  for i in range(steps):
-    t0 = time.perf_counter()
-    state, m = step(state, batches[i % 4])
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
+  state, m, times = timing.time_steps(step, state, batches[1:] + batches[:1], steps, warmup=3)
   masks_per_clip = int(c.masking.get("clones", 1) or 1)
   ms = 1000 * float(np.median(times))
   nparams = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params_shape))

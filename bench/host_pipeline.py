@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_throughput  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import timing  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 from d2vjax import masking  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -36,13 +37,8 @@ B, T, PROB, SPAN, MIN_MASKS = 64, 781, 0.65, 10, 2
 
 
 def _rate(fn, repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return B / statistics.median(times)
+  """Rows masked per second by ``fn`` (one call masks B rows)."""
+  return B / timing.median_s(fn, repeats, warmup=1)
 
 
 def mask_rates(repeats: int = 20) -> dict:

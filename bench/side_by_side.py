@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -45,32 +44,16 @@ def _pin(threads: int) -> list[int]:
   return cores
 
 
-def _median_s(fn, repeats: int, warmup: int = 2) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def matmul_peak(repeats: int) -> dict:
   """FLOP/s of square fp32 matmuls in jax and torch (n = 1024, 2048): the best of each."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  out = {"jax": 0.0, "torch": 0.0}
+  import timing  # pylint: disable=g-import-not-at-top
+  out = {"jax": timing.jax_matmul_peak((1024, 2048), repeats), "torch": 0.0}
   for n in (1024, 2048):
-    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-    ja, ta = jnp.asarray(a), torch.from_numpy(a)
-    mm = jax.jit(lambda x: x @ x)
-    flop = 2.0 * n ** 3
-    out["jax"] = max(out["jax"], flop / _median_s(lambda: mm(ja).block_until_ready(), repeats))
+    ta = torch.from_numpy(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
     with torch.no_grad():
-      out["torch"] = max(out["torch"], flop / _median_s(lambda: ta @ ta, repeats))
+      out["torch"] = max(out["torch"], 2.0 * n ** 3 / timing.median_s(lambda: ta @ ta, repeats))
   out["peak"] = max(out["jax"], out["torch"])
   return out
 
@@ -101,22 +84,14 @@ def _hf_model(name: str):
 
 def unstack_layers(params: dict) -> dict:
   """Scanned ``encoder/layers`` leaves ``[L, ...]`` → unrolled ``encoder/layers_<i>`` subtrees."""
+  import jax  # pylint: disable=g-import-not-at-top
   enc = dict(params["encoder"])
   stacked = enc.pop("layers", None)
   if stacked is None:
     return params
-  n = len(next(iter(_leaves(stacked))))
-  for i in range(n):
-    enc[f"layers_{i}"] = _map(lambda a, i=i: a[i], stacked)
+  for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+    enc[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
   return {**params, "encoder": enc}
-
-
-def _leaves(tree):
-  return [v for x in tree.values() for v in (_leaves(x) if isinstance(x, dict) else [x])]
-
-
-def _map(fn, tree):
-  return {k: _map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
 
 
 def run_workload(name: str, repeats: int, peak: float) -> dict:
@@ -126,6 +101,7 @@ def run_workload(name: str, repeats: int, peak: float) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import flops  # pylint: disable=g-import-not-at-top
+  import timing  # pylint: disable=g-import-not-at-top
   from d2vjax import convert, registry  # pylint: disable=g-import-not-at-top
 
   model, inputs, torch_inputs = _hf_model(name)
@@ -148,7 +124,7 @@ def run_workload(name: str, repeats: int, peak: float) -> dict:
   t0 = time.perf_counter()
   compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(params, x_inputs).compile()
   compile_s = time.perf_counter() - t0
-  jax_s = _median_s(lambda: jax.block_until_ready(compiled(params, x_inputs)), repeats)
+  jax_s = timing.median_s(lambda: jax.block_until_ready(compiled(params, x_inputs)), repeats)
 
   tin = torch_inputs()
 
@@ -158,7 +134,7 @@ def run_workload(name: str, repeats: int, peak: float) -> dict:
     loss.backward()
     return loss
 
-  torch_s = _median_s(torch_step, repeats)
+  torch_s = timing.median_s(torch_step, repeats)
   with torch.no_grad():
     hf_last = model(**tin).last_hidden_state.numpy()
   ours = np.asarray(objective.encode(params, x_inputs)[0])

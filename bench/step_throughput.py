@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import flops  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import timing  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 from d2vjax import loop, train  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -84,19 +85,6 @@ def analytic_flops(c, batch) -> float | None:
   return a * student + b * teacher
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of a jitted square fp32 matmul on the default device."""
-  x = jax.numpy.asarray(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
-  mm = jax.jit(lambda a: a @ a)
-  mm(x).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    mm(x).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2.0 * n ** 3 / statistics.median(times)
-
-
 def measure(spec: str, steps: int, peak: float) -> dict:
   """Compiles and times the trainer's step of one config; returns its row."""
   c = load(spec)
@@ -119,15 +107,7 @@ def measure(spec: str, steps: int, peak: float) -> dict:
   t0 = time.perf_counter()
   compiled = setup.train_step.lower(state, batches[0]).compile()
   compile_s = time.perf_counter() - t0
-  for i in range(2):
-    state, m = compiled(state, batches[i % 4])
-  jax.block_until_ready(m)
-  times = []
-  for i in range(steps):
-    t0 = time.perf_counter()
-    state, m = compiled(state, batches[i % 4])
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
+  state, m, times = timing.time_steps(compiled, state, batches, steps)
   sec = statistics.median(times)
   xla = flops.xla_flops(compiled)
   ana = analytic_flops(c, jax.tree.map(np.asarray, batches[0]))
@@ -149,7 +129,7 @@ def main() -> None:
   p.add_argument("--peak_gflops", type=float, default=0.0)
   p.add_argument("--json", default="step_throughput.json")
   args = p.parse_args()
-  peak = args.peak_gflops * 1e9 or matmul_peak()
+  peak = args.peak_gflops * 1e9 or timing.jax_matmul_peak()
   rows = []
   for spec in [s for s in args.configs.split(",") if s]:
     rows.append(measure(spec, args.steps, peak))
