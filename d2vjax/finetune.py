@@ -69,8 +69,8 @@ def load_init(path: str, *, with_params: bool = True) -> tuple[dict | None, dict
 
 def pretrained_subtrees(objective, params_shape: dict, pretrained: dict) -> dict:
   """The pre-trained subtrees the fine-tuning model reuses (``frontend``, ``encoder``, for
-  data2vec 2.0 ``context``, and for learned masks ``mask_emb``), shape-checked against the model. The rest of the checkpoint
-  (heads, quantizer, projections) is dropped."""
+  data2vec 2.0 ``context``, for learned masks ``mask_emb``), shape-checked against the model.
+  The rest of the checkpoint (heads, quantizer, projections, decoder) is dropped."""
   out = {}
   for key in objective.pretrained_keys():
     if key not in params_shape:  # e.g. ``context``: only data2vec 2.0 models have one

@@ -72,7 +72,8 @@ def test_image_classifier_from_data2vec2_keeps_cls_token():
   params = {**params, **finetune.pretrained_subtrees(obj, params,
                                                      jax.tree.map(np.asarray, pparams))}
   want, _, _ = jax.jit(pobj.encode)(pparams, {"image": images})
-  got, _, _ = jax.jit(obj.encode)(params, {"image": images})
+  got, _, pad = jax.jit(obj.encode)(params, {"image": images})
+  assert pad.shape == got.shape[:2] and not np.any(pad)  # the CLS row is never padding
   # The classifier sees [CLS, patches] (its mean-pool head skips the first token); data2vec 2.0's
   # own encode strips the extra token.
   assert got.shape[1] == want.shape[1] + 1

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from d2vjax import registry
 
 
@@ -39,7 +41,11 @@ class Encoder:
     f = self.model.apply({"params": params}, inputs, train, method="features", rngs=rngs)
     x, results = self.model.apply({"params": params}, f["features"], f["padding_mask"], train,
                                   method="contextualize", rngs=rngs)
-    return x, results, f["padding_mask"]
+    pad = f["padding_mask"]
+    extra = x.shape[1] - pad.shape[1]
+    if extra:  # tokens a context encoder prepended (never padding)
+      pad = jnp.pad(pad, ((0, 0), (extra, 0)), constant_values=False)
+    return x, results, pad
 
 
 def finetune_parts(config, model_config_fn):
